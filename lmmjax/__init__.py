@@ -1,0 +1,18 @@
+"""lmmjax: linear mixed models in JAX, with lme4's formulas and numbers.
+
+>>> import lmmjax
+>>> m = lmmjax.lmer("Reaction ~ Days + (Days | Subject)", lmmjax.datasets.sleepstudy())
+>>> m.summary()
+"""
+from . import datasets
+from .design import DataError
+from .formula import FormulaError
+from .model import lmer, precision
+from .optimize import ConvergenceWarning, SingularFitWarning
+from .results import LmerResult
+
+__version__ = "0.1.0"
+__all__ = [
+    "lmer", "precision", "datasets", "LmerResult", "DataError", "FormulaError",
+    "ConvergenceWarning", "SingularFitWarning",
+]

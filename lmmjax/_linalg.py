@@ -1,0 +1,54 @@
+"""Batched tiny-matrix linear algebra, unrolled for static sizes.
+
+JAX lowers a batch of small LAPACK calls on CPU to a serial loop; for the
+q × q blocks of a random-effects term (q is usually 1–4) an unrolled,
+elementwise-vectorized Cholesky and triangular inverse are much faster and
+differentiate cleanly.  Above ``UNROLL_MAX`` we fall back to jax.numpy.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import jax.scipy.linalg as jsl
+
+UNROLL_MAX = 6
+
+
+def chol_small(a):
+    """Lower Cholesky factor of a batch of SPD matrices ``a[..., q, q]``."""
+    q = a.shape[-1]
+    if q > UNROLL_MAX:
+        return jnp.linalg.cholesky(a)
+    L = [[None] * q for _ in range(q)]
+    for j in range(q):
+        s = a[..., j, j]
+        for k in range(j):
+            s = s - L[j][k] ** 2
+        d = jnp.sqrt(s)
+        L[j][j] = d
+        for i in range(j + 1, q):
+            s = a[..., i, j]
+            for k in range(j):
+                s = s - L[i][k] * L[j][k]
+            L[i][j] = s / d
+    zero = jnp.zeros_like(a[..., 0, 0])
+    rows = [jnp.stack([L[i][j] if j <= i else zero for j in range(q)], -1) for i in range(q)]
+    return jnp.stack(rows, -2)
+
+
+def tril_inv_small(L):
+    """Inverse of a batch of lower-triangular matrices ``L[..., q, q]``."""
+    q = L.shape[-1]
+    if q > UNROLL_MAX:
+        eye = jnp.broadcast_to(jnp.eye(q, dtype=L.dtype), L.shape)
+        return jsl.solve_triangular(L, eye, lower=True)
+    X = [[None] * q for _ in range(q)]
+    for i in range(q):
+        X[i][i] = 1.0 / L[..., i, i]
+        for j in range(i - 1, -1, -1):
+            s = L[..., i, j] * X[j][j]
+            for k in range(j + 1, i):
+                s = s + L[..., i, k] * X[k][j]
+            X[i][j] = -s * X[i][i]
+    zero = jnp.zeros_like(L[..., 0, 0])
+    rows = [jnp.stack([X[i][j] if j <= i else zero for j in range(q)], -1) for i in range(q)]
+    return jnp.stack(rows, -2)

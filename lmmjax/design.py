@@ -1,0 +1,358 @@
+"""Design matrices and sufficient statistics from a formula and a DataFrame.
+
+* fixed effects: formulaic with treatment contrasts (first level = reference;
+  a pandas Categorical keeps its category order), R-style column names;
+  rank-deficient columns are dropped with a message, like lme4;
+* random effects: one :class:`RandomBlock` per term, with the per-row level
+  index and the ``n × q`` model matrix of the term's left-hand side; terms are
+  ordered like lme4 (``rev(order(nlevels))`` when the counts are not already
+  non-increasing);
+* rows with a missing value in any variable the model uses are dropped
+  (lme4's ``na.omit``).
+
+:func:`design_stats` and :func:`response_stats` give the cross-products the
+likelihood needs; the batch path calls :func:`response_stats` for many
+responses at once.
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from formulaic import Formula, model_matrix
+
+from .covariance import make_structure
+from .formula import ParsedFormula, RandomTerm, parse_formula
+from .likelihood import Layout
+
+__all__ = ["Design", "RandomBlock", "build_design", "design_stats", "response_stats", "level_index", "DataError"]
+
+
+class DataError(ValueError):
+    """The data cannot be used with the formula (missing column, bad values, …)."""
+
+
+def r_name(name: str) -> str:
+    """formulaic column name -> R's: ``Intercept`` -> ``(Intercept)``,
+    ``Sex[T.Female]`` -> ``SexFemale``, ``A[b]`` -> ``Ab``."""
+    if name == "Intercept":
+        return "(Intercept)"
+    return ":".join(re.sub(r"^(.*?)\[(?:T\.)?(.*)\]$", r"\1\2", part) for part in name.split(":"))
+
+
+@dataclass
+class RandomBlock:
+    """One random-effects term bound to data."""
+
+    term: RandomTerm
+    levels: list            # level labels (strings), in order
+    index: np.ndarray       # (n,) level index of every row
+    Zq: np.ndarray          # (n, q) values of the term's model matrix
+    colnames: list[str]     # R-style names of the q columns
+    spec: object            # formulaic ModelSpec of the lhs (for predict)
+    structure: object       # covariance structure
+    level_codes: dict = field(default_factory=dict)  # per factor column: value -> code
+    used_codes: np.ndarray = None  # combined code of each level (for mapping new data)
+
+    @property
+    def group(self) -> str:
+        return self.term.group_name
+
+    @property
+    def q(self) -> int:
+        return self.Zq.shape[1]
+
+    @property
+    def n_levels(self) -> int:
+        return len(self.levels)
+
+
+@dataclass
+class Design:
+    formula: ParsedFormula
+    y: np.ndarray
+    X: np.ndarray
+    xnames: list[str]
+    fixed_spec: object
+    blocks: list[RandomBlock]
+    rows: np.ndarray          # positions (0-based) of the used rows in the data
+    n_data: int               # rows in the data as given
+    dropped_columns: list[str]
+    response_name: str
+    x_keep: np.ndarray        # columns of the formulaic model matrix kept after rank checks
+
+    @property
+    def n(self) -> int:
+        return self.X.shape[0]
+
+    @property
+    def p(self) -> int:
+        return self.X.shape[1]
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(tuple(b.structure for b in self.blocks), tuple(b.n_levels for b in self.blocks))
+
+    def Z(self) -> sp.csr_matrix:
+        """Sparse ``n × q`` random-effects model matrix (level-major within each term)."""
+        mats = [_term_Z(b) for b in self.blocks]
+        return sp.hstack(mats, format="csr")
+
+
+def _term_Z(b: RandomBlock) -> sp.csr_matrix:
+    n, q = b.Zq.shape
+    rows = np.repeat(np.arange(n), q)
+    cols = (b.index[:, None] * q + np.arange(q)[None, :]).ravel()
+    return sp.csr_matrix((b.Zq.ravel(), (rows, cols)), shape=(n, b.n_levels * q))
+
+
+# ---------------------------------------------------------------- helpers
+def _variables(expr: str) -> set[str]:
+    try:
+        return set(Formula(expr).required_variables)
+    except Exception as exc:
+        raise DataError(f"cannot parse {expr!r}: {exc}") from None
+
+
+def _check_columns(names, data: pd.DataFrame, where: str):
+    missing = [v for v in sorted(names) if v not in data.columns]
+    if missing:
+        raise DataError(
+            f"{where} uses column(s) {missing} that are not in the data; "
+            f"available columns: {list(data.columns)}"
+        )
+
+
+def _sorted_levels(col: pd.Series):
+    """Level order for a grouping column: Categorical order, else sorted values."""
+    if isinstance(col.dtype, pd.CategoricalDtype):
+        cats = col.cat.remove_unused_categories().cat.categories
+        return list(cats)
+    vals = pd.unique(col)
+    try:
+        return sorted(vals)
+    except TypeError:
+        return sorted(vals, key=str)
+
+
+def _factor_codes(data: pd.DataFrame, factors: tuple[str, ...]):
+    """Level labels and per-row codes of the interaction of ``factors``
+    (first factor varies slowest, unused combinations dropped: R's ``factor(a:b)``)."""
+    codes = np.zeros(len(data), dtype=np.int64)
+    labels_per = []
+    maps = {}
+    for f in factors:
+        col = data[f]
+        levs = _sorted_levels(col)
+        m = {v: i for i, v in enumerate(levs)}
+        maps[f] = m
+        c = col.map(m).to_numpy()
+        codes = codes * len(levs) + c.astype(np.int64)
+        labels_per.append([str(v) for v in levs])
+    used, index = np.unique(codes, return_inverse=True)
+    labels = []
+    for code in used:
+        parts = []
+        for levs in reversed(labels_per):
+            code, r = divmod(int(code), len(levs))
+            parts.append(levs[r])
+        labels.append(":".join(reversed(parts)))
+    return labels, index.astype(np.int64), maps, used
+
+
+def level_index(block: "RandomBlock", data: pd.DataFrame) -> np.ndarray:
+    """Level index of every row of ``data`` for ``block``; -1 where the level
+    (or a value of one of its factor columns) was not seen when fitting."""
+    codes = np.zeros(len(data), dtype=np.int64)
+    unseen = np.zeros(len(data), bool)
+    for f in block.term.factors:
+        m = block.level_codes[f]
+        c = data[f].map(m)
+        unseen |= c.isna().to_numpy()
+        codes = codes * len(m) + c.fillna(0).to_numpy().astype(np.int64)
+    pos = np.searchsorted(block.used_codes, codes)
+    pos = np.clip(pos, 0, len(block.used_codes) - 1)
+    found = (block.used_codes[pos] == codes) & ~unseen
+    return np.where(found, pos, -1)
+
+
+def _model_matrix(rhs: str, data: pd.DataFrame, where: str):
+    try:
+        mm = model_matrix(rhs, data, na_action="ignore")
+    except Exception as exc:
+        raise DataError(f"cannot build the {where} model matrix from {rhs!r}: {exc}") from None
+    return mm
+
+
+def _drop_rank_deficient(X: np.ndarray, names: list[str]):
+    """Keep a maximal set of linearly independent columns (pivoted QR), like lme4."""
+    if X.shape[1] == 0:
+        return X, names, [], np.arange(X.shape[1])
+    import scipy.linalg as sla
+
+    _, R, piv = sla.qr(X, mode="economic", pivoting=True)
+    d = np.abs(np.diag(R))
+    tol = max(X.shape) * np.finfo(float).eps * (d[0] if d.size else 0.0) * 1e3
+    rank = int(np.sum(d > max(tol, 1e-7 * d[0])))
+    keep = np.sort(piv[:rank])
+    dropped = [names[i] for i in range(len(names)) if i not in set(keep)]
+    if dropped:
+        warnings.warn(
+            f"fixed-effect model matrix is rank deficient so dropping {len(dropped)} "
+            f"column{'s' if len(dropped) > 1 else ''} / coefficient{'s' if len(dropped) > 1 else ''}: {dropped}",
+            stacklevel=3,
+        )
+    return X[:, keep], [names[i] for i in keep], dropped, keep
+
+
+def _as_float(mm, where: str, data_index) -> np.ndarray:
+    arr = np.asarray(mm, dtype=float)
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        r, c = np.argwhere(bad)[0]
+        raise DataError(
+            f"{where} column {list(mm.columns)[c]!r} has a non-finite value "
+            f"(row {data_index[r]!r}); remove or impute it"
+        )
+    return arr
+
+
+# ---------------------------------------------------------------- main
+def build_design(formula: str | ParsedFormula, data: pd.DataFrame, require_response: bool = True) -> Design:
+    pf = formula if isinstance(formula, ParsedFormula) else parse_formula(formula)
+    if not isinstance(data, pd.DataFrame):
+        raise DataError(f"data must be a pandas DataFrame, got {type(data).__name__}")
+    if not pf.random:
+        raise DataError(
+            "the formula has no random-effects term like (1 | group); "
+            "for a fixed-effects-only model use an ordinary least-squares routine"
+        )
+    n_data = len(data)
+    # --- variables and missing values
+    resp_vars = _variables(pf.response) if pf.response else set()
+    if require_response and not pf.response:
+        raise DataError("the formula has no response: write it as 'y ~ x + (1 | g)'")
+    fixed_vars = _variables(pf.fixed)
+    _check_columns(resp_vars, data, f"the response {pf.response!r}")
+    _check_columns(fixed_vars, data, "the fixed-effects part")
+    rand_vars = set()
+    for t in pf.random:
+        lv = _variables(t.lhs)
+        _check_columns(lv, data, f"random-effects term {t}")
+        _check_columns(t.factors, data, f"the grouping factor of {t}")
+        rand_vars |= lv | set(t.factors)
+    used = sorted(resp_vars | fixed_vars | rand_vars, key=list(data.columns).index)
+    complete = data[used].notna().all(axis=1).to_numpy() if used else np.ones(n_data, bool)
+    rows = np.flatnonzero(complete)
+    if rows.size == 0:
+        raise DataError(f"no complete rows: every row has a missing value in one of {used}")
+    df = data.iloc[rows]
+    # drop unused categories (R's drop.unused.levels)
+    df = df.assign(**{
+        c: df[c].cat.remove_unused_categories()
+        for c in used if isinstance(df[c].dtype, pd.CategoricalDtype)
+    })
+    # --- response
+    if pf.response:
+        if pf.response in df.columns:
+            ycol = df[pf.response]
+            if not pd.api.types.is_numeric_dtype(ycol) or pd.api.types.is_bool_dtype(ycol):
+                raise DataError(
+                    f"response column {pf.response!r} must be numeric, got dtype {ycol.dtype}"
+                )
+            y = ycol.to_numpy(dtype=float)
+        else:
+            ymm = _model_matrix(f"0 + {pf.response}", df, "response")
+            if ymm.shape[1] != 1:
+                raise DataError(f"response {pf.response!r} must be a single numeric column")
+            y = np.asarray(ymm, dtype=float)[:, 0]
+        if not np.all(np.isfinite(y)):
+            i = int(np.flatnonzero(~np.isfinite(y))[0])
+            raise DataError(f"response {pf.response!r} has a non-finite value in row {df.index[i]!r}")
+    else:
+        y = np.zeros(len(df))
+    # --- fixed effects
+    xmm = _model_matrix(pf.fixed, df, "fixed-effects")
+    X = _as_float(xmm, "fixed-effects", df.index)
+    xnames = [r_name(c) for c in xmm.columns]
+    X, xnames, dropped, x_keep = _drop_rank_deficient(X, xnames)
+    # --- random effects
+    blocks = []
+    for t in pf.random:
+        zmm = _model_matrix(t.lhs, df, f"random-effects term {t}")
+        Zq = _as_float(zmm, f"random-effects term {t}", df.index)
+        labels, index, maps, used_codes = _factor_codes(df, t.factors)
+        colnames = [r_name(c) for c in zmm.columns]
+        if Zq.shape[1] == 0:
+            raise DataError(f"random-effects term {t} has no columns")
+        blocks.append(RandomBlock(
+            term=t, levels=labels, index=index, Zq=Zq, colnames=colnames, spec=zmm.model_spec,
+            structure=make_structure(t.structure, Zq.shape[1]), level_codes=maps,
+            used_codes=used_codes,
+        ))
+    # lme4's term order
+    nl = [b.n_levels for b in blocks]
+    if any(np.diff(nl) > 0):
+        order = np.argsort(nl, kind="stable")[::-1]
+        blocks = [blocks[i] for i in order]
+    n = len(df)
+    for b in blocks:
+        if b.n_levels >= n:
+            raise DataError(
+                f"number of levels of grouping factor {b.group!r} ({b.n_levels}) must be "
+                f"less than the number of observations ({n})"
+            )
+        if b.n_levels * b.q >= n and n > 0:
+            raise DataError(
+                f"number of observations ({n}) <= number of random effects "
+                f"({b.n_levels * b.q}) for term {b.term}; the random-effects parameters and "
+                "the residual variance are probably unidentifiable"
+            )
+    resp_name = pf.response
+    return Design(
+        formula=pf, y=y, X=X, xnames=xnames, fixed_spec=xmm.model_spec, blocks=blocks,
+        rows=rows, n_data=n_data, dropped_columns=dropped, response_name=resp_name,
+        x_keep=x_keep,
+    )
+
+
+def design_stats(design: Design) -> dict:
+    """Response-free cross-products: Z₁ᵀZ₁ blocks, Z₁ᵀZ_r, Z_rᵀZ_r, ZᵀX, XᵀX."""
+    b1 = design.blocks[0]
+    X = design.X
+    l1, q1 = b1.n_levels, b1.q
+    D1 = np.empty((l1, q1, q1))
+    for a in range(q1):
+        for c in range(a, q1):
+            D1[:, a, c] = D1[:, c, a] = np.bincount(b1.index, b1.Zq[:, a] * b1.Zq[:, c], minlength=l1)
+    Z1 = _term_Z(b1)
+    stats = dict(D1=D1, Z1X=np.asarray(Z1.T @ X).reshape(l1, q1, -1), XX=X.T @ X, n=float(design.n))
+    if len(design.blocks) > 1:
+        Zr = sp.hstack([_term_Z(b) for b in design.blocks[1:]], format="csr")
+        stats["Z1Zr"] = (Z1.T @ Zr).toarray().reshape(l1, q1, -1)
+        stats["ZrZr"] = (Zr.T @ Zr).toarray()
+        stats["ZrX"] = np.asarray(Zr.T @ X)
+    return stats
+
+
+def response_stats(design: Design, Y: np.ndarray) -> dict:
+    """Per-response cross-products for ``Y`` of shape (n,) or (n, G):
+    Z₁ᵀy (…, ℓ₁, q₁), Z_rᵀy, Xᵀy, yᵀy — leading axis G if Y is 2-D."""
+    Y2 = Y[:, None] if Y.ndim == 1 else Y
+    b1 = design.blocks[0]
+    Z1 = _term_Z(b1)
+    out = dict(
+        Z1y=np.asarray(Z1.T @ Y2).T.reshape(Y2.shape[1], b1.n_levels, b1.q),
+        Xy=np.asarray(design.X.T @ Y2).T,
+        yy=np.einsum("ng,ng->g", Y2, Y2),
+    )
+    if len(design.blocks) > 1:
+        Zr = sp.hstack([_term_Z(b) for b in design.blocks[1:]], format="csr")
+        out["Zry"] = np.asarray(Zr.T @ Y2).T
+    if Y.ndim == 1:
+        out = {k: v[0] for k, v in out.items()}
+    return out

@@ -1,0 +1,77 @@
+"""``lmer``: formula + data -> fitted model.
+
+The pipeline mirrors lme4's ``lFormula -> mkLmerDevfun -> optimizeLmer -> mkMerMod``:
+:func:`~lmmjax.design.build_design` (formula and data),
+:func:`~lmmjax.design.design_stats` / :func:`~lmmjax.design.response_stats`
+(the cross-products the criterion needs), :func:`~lmmjax.optimize.minimize_theta`
+(jit-compiled criterion, L-BFGS, boundary checks) and :class:`~lmmjax.results.LmerResult`.
+
+Precision: fits run in float64 inside ``jax.enable_x64(True)``, a context
+manager, so the global ``jax_enable_x64`` flag — and any float32 JAX code of
+the caller — is left untouched.  ``dtype="float32"`` is an explicit speed option.
+"""
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+
+from .design import build_design, design_stats, response_stats
+from .likelihood import solve
+from .optimize import ConvergenceWarning, SingularFitWarning, evaluate_theta, minimize_theta
+from .results import LmerResult
+
+__all__ = ["lmer", "precision"]
+
+
+@contextmanager
+def precision(dtype="float64"):
+    """Run JAX computations in ``dtype`` without touching the global x64 flag."""
+    if dtype not in ("float64", "float32", np.float64, np.float32):
+        raise ValueError(f"dtype must be 'float64' or 'float32', got {dtype!r}")
+    with jax.enable_x64(np.dtype(dtype) == np.float64):
+        yield np.dtype(dtype)
+
+
+def to_device(stats: dict, dtype) -> dict:
+    return {k: jnp.asarray(v, dtype=dtype) for k, v in stats.items()}
+
+
+def lmer(formula: str, data: pd.DataFrame, reml: bool = True, *, dtype: str = "float64",
+         start=None, theta=None, maxiter: int = 1000, warn: bool = True) -> LmerResult:
+    """Fit a linear mixed model by REML (default) or ML, like ``lme4::lmer``.
+
+    Parameters
+    ----------
+    formula : lme4 syntax, e.g. ``"Reaction ~ Days + (Days | Subject)"``;
+        random terms ``(x | g)``, ``(x || g)``, ``(1 | a/b)``, ``(1 | a:b)``, ``diag(x | g)``.
+    data : pandas DataFrame. Rows with a missing value in a used column are dropped.
+    reml : REML (True, lme4's default) or maximum likelihood.
+    dtype : "float64" (default) or "float32" (faster on GPUs, less accurate).
+    start : starting θ (lme4 order); default 1 on template diagonals, 0 elsewhere.
+    theta : evaluate the model at this θ without optimizing (like lme4's
+        ``devFunOnly`` + ``mkMerMod``): every reported quantity is then conditional on it.
+    warn : emit ConvergenceWarning / SingularFitWarning.
+    """
+    design = build_design(formula, data)
+    stats = {**design_stats(design), **response_stats(design, design.y)}
+    with precision(dtype) as dt:
+        dev_stats = to_device(stats, dt)
+        if theta is None:
+            opt = minimize_theta(dev_stats, design.layout, reml, theta0=start, maxiter=maxiter)
+        else:
+            opt = evaluate_theta(dev_stats, design.layout, reml, theta)
+        sol = solve(jnp.asarray(opt.theta, dt), dev_stats, design.layout, reml)
+        sol = {k: np.asarray(v) for k, v in sol.items()}
+    m = LmerResult(design, stats, opt, sol, reml, data_name=getattr(data, "_lmmjax_name", None))
+    if warn:
+        if not m.converged:
+            warnings.warn(f"Model failed to converge: {opt.message}", ConvergenceWarning, stacklevel=2)
+        if m.is_singular:
+            warnings.warn("boundary (singular) fit: see lmmjax docs on is_singular",
+                          SingularFitWarning, stacklevel=2)
+    return m

@@ -1,0 +1,256 @@
+"""The fitted model users touch: estimates, variance components, conditional
+modes, fitted values, prediction and an lme4-style summary.
+
+Everything here is numpy/pandas post-processing of one call to
+:func:`lmmjax.likelihood.solve` at the optimum; nothing is refitted.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+
+from .design import DataError, Design, level_index
+from .formula import parse_formula
+from .optimize import OptimizeResult
+
+__all__ = ["LmerResult"]
+
+
+class LmerResult:
+    """A fitted linear mixed model (what :func:`lmmjax.lmer` returns).
+
+    Attribute names follow lme4: ``fixef``, ``vcov``, ``sigma``, ``theta``,
+    ``varcorr`` (``as.data.frame(VarCorr(fit))``), ``loglik``, ``aic``, ``bic``,
+    ``ranef()``, ``coef()``, ``fitted``, ``residuals``, ``predict()``, ``summary()``.
+    """
+
+    def __init__(self, design: Design, stats: dict, opt: OptimizeResult, sol: dict, reml: bool,
+                 data_name: str | None = None):
+        self.design = design
+        self.stats = stats
+        self.optinfo = opt
+        self.reml = bool(reml)
+        self.data_name = data_name
+        self.layout = design.layout
+        self.theta = np.asarray(opt.theta, dtype=float)
+        self.nobs = design.n
+        self.sigma = float(np.sqrt(sol["sigma2"]))
+        self.fixef = pd.Series(np.asarray(sol["beta"], float), index=design.xnames, name="estimate")
+        self.vcov = pd.DataFrame(np.asarray(sol["vcov"], float), index=design.xnames, columns=design.xnames)
+        crit = float(sol["criterion"])
+        self.loglik = -0.5 * crit
+        self.reml_criterion = crit if self.reml else float("nan")
+        self.deviance = crit if not self.reml else float("nan")
+        self.npar = design.p + self.layout.n_theta + 1
+        self.aic = crit + 2.0 * self.npar
+        self.bic = crit + math.log(self.nobs) * self.npar
+        self.converged = bool(opt.converged)
+        from .optimize import is_singular
+
+        self.is_singular = is_singular(self.theta, self.layout)
+        # spherical effects u and conditional covariance blocks, split per term
+        self._u, self._Ainv = _split_terms(design, sol)
+        with jax.enable_x64(True):
+            self._Ts = [np.asarray(T, float) for T in self.layout.factors(jnp.asarray(self.theta))]
+        self._b = [u @ T.T for u, T in zip(self._u, self._Ts)]  # b = Λu, per term (levels, q)
+
+    # ------------------------------------------------------------ basics
+    @property
+    def ngroups(self) -> dict:
+        """Number of levels per grouping factor (lme4's ``ngrps``)."""
+        out = {}
+        for b in self.design.blocks:
+            out.setdefault(b.group, b.n_levels)
+        return out
+
+    @property
+    def formula(self) -> str:
+        return self.design.formula.text
+
+    @property
+    def df_resid(self) -> int:
+        return self.nobs - self.npar
+
+    def _group_labels(self) -> list[str]:
+        """VarCorr group names: repeated grouping factors get ``.1``, ``.2`` (lme4)."""
+        seen: dict[str, int] = {}
+        out = []
+        for b in self.design.blocks:
+            k = seen.get(b.group, 0)
+            out.append(b.group if k == 0 else f"{b.group}.{k}")
+            seen[b.group] = k + 1
+        return out
+
+    def covariance_matrices(self) -> list[pd.DataFrame]:
+        """Σ_k = σ² T_k T_kᵀ for every random-effects term, in term order."""
+        return [
+            pd.DataFrame(self.sigma**2 * T @ T.T, index=b.colnames, columns=b.colnames)
+            for T, b in zip(self._Ts, self.design.blocks)
+        ]
+
+    @property
+    def varcorr(self) -> pd.DataFrame:
+        """Tidy variance components like ``as.data.frame(VarCorr(fit))``:
+        variances (``term2`` missing) then covariances/correlations per term, then Residual."""
+        rows = []
+        for g, S in zip(self._group_labels(), self.covariance_matrices()):
+            names = list(S.index)
+            v = np.diag(S.to_numpy())
+            sd = np.sqrt(np.maximum(v, 0.0))
+            for i, nm in enumerate(names):
+                rows.append((g, nm, None, v[i], sd[i]))
+            for j in range(len(names)):
+                for i in range(j + 1, len(names)):
+                    c = S.iat[i, j]
+                    denom = sd[i] * sd[j]
+                    rows.append((g, names[j], names[i], c, c / denom if denom > 0 else np.nan))
+        rows.append(("Residual", None, None, self.sigma**2, self.sigma))
+        return pd.DataFrame(rows, columns=["group", "term1", "term2", "vcov", "sdcor"])
+
+    # ------------------------------------------------------------ random effects
+    def _per_group(self, values) -> dict:
+        out: dict[str, pd.DataFrame] = {}
+        for b, val in zip(self.design.blocks, values):
+            df = pd.DataFrame(val, index=pd.Index(b.levels, name=b.group), columns=b.colnames)
+            out[b.group] = pd.concat([out[b.group], df], axis=1) if b.group in out else df
+        return out
+
+    def ranef(self) -> dict:
+        """Conditional modes of the random effects: grouping factor -> DataFrame (levels × terms)."""
+        return self._per_group(self._b)
+
+    def ranef_condcov(self) -> list[np.ndarray]:
+        """Conditional covariance of b for every term: arrays (levels, q, q) —
+        σ² T (ΛᵀZᵀZΛ + I)⁻¹ Tᵀ blocks, lme4's ``condVar``/``postVar``."""
+        s2 = self.sigma**2
+        return [s2 * np.einsum("ab,jbc,dc->jad", T, A, T) for T, A in zip(self._Ts, self._Ainv)]
+
+    def ranef_sd(self) -> dict:
+        """Conditional SDs of the random effects (same shape as :meth:`ranef`)."""
+        sds = [np.sqrt(np.maximum(np.diagonal(C, axis1=1, axis2=2), 0.0)) for C in self.ranef_condcov()]
+        return self._per_group(sds)
+
+    def coef(self) -> dict:
+        """Per-level coefficients: fixed effects plus the level's random effects (lme4's ``coef``)."""
+        out = {}
+        for g, re in self.ranef().items():
+            df = pd.DataFrame(np.tile(self.fixef.to_numpy(), (len(re), 1)), index=re.index,
+                              columns=self.fixef.index)
+            for c in re.columns:
+                df[c] = (df[c] if c in df.columns else 0.0) + re[c]
+            out[g] = df
+        return out
+
+    # ------------------------------------------------------------ fitted values
+    def _re_contribution(self, design_blocks_data=None) -> np.ndarray:
+        z = np.zeros(self.nobs)
+        for blk, b in zip(self.design.blocks, self._b):
+            z += np.einsum("nq,nq->n", blk.Zq, b[blk.index])
+        return z
+
+    @property
+    def fitted(self) -> np.ndarray:
+        """Conditional fitted values Xβ̂ + Zb̂ for the rows used in the fit, in data order."""
+        return self.design.X @ self.fixef.to_numpy() + self._re_contribution()
+
+    @property
+    def residuals(self) -> np.ndarray:
+        """Response minus conditional fitted values (rows used in the fit, data order)."""
+        return self.design.y - self.fitted
+
+    def predict(self, newdata: pd.DataFrame | None = None, re_form=None,
+                allow_new_levels: bool = False) -> np.ndarray:
+        """Predictions like lme4's ``predict.merMod``.
+
+        re_form: ``None`` — all random effects; ``False``/``"~0"``/``np.nan`` — fixed
+        effects only (population); a formula such as ``"~ (1 | Subject)"`` — only the
+        random terms on those grouping factors.
+        allow_new_levels: levels not seen in the fit contribute 0 (population
+        prediction) when True; otherwise they raise an error naming them.
+        """
+        groups = self._re_groups(re_form)
+        if newdata is None:
+            out = self.design.X @ self.fixef.to_numpy()
+            for blk, b in zip(self.design.blocks, self._b):
+                if blk.group in groups:
+                    out = out + np.einsum("nq,nq->n", blk.Zq, b[blk.index])
+            return out
+        if not isinstance(newdata, pd.DataFrame):
+            raise DataError(f"newdata must be a pandas DataFrame, got {type(newdata).__name__}")
+        try:
+            Xn = np.asarray(self.design.fixed_spec.get_model_matrix(newdata, na_action="ignore"), float)
+        except Exception as exc:
+            raise DataError(f"cannot build the fixed-effects matrix for newdata: {exc}") from None
+        out = Xn[:, self.design.x_keep] @ self.fixef.to_numpy()
+        for blk, b in zip(self.design.blocks, self._b):
+            if blk.group not in groups:
+                continue
+            missing = [f for f in blk.term.factors if f not in newdata.columns]
+            if missing:
+                raise DataError(f"newdata lacks grouping column(s) {missing} needed by {blk.term}")
+            Zn = np.asarray(blk.spec.get_model_matrix(newdata, na_action="ignore"), float)
+            idx = level_index(blk, newdata)
+            new = idx < 0
+            if new.any() and not allow_new_levels:
+                vals = newdata.loc[new, list(blk.term.factors)].drop_duplicates().head(5)
+                raise DataError(
+                    f"newdata has {int(new.sum())} row(s) with level(s) of {blk.group!r} not seen in "
+                    f"the fit (e.g. {vals.to_dict('records')}); pass allow_new_levels=True to predict "
+                    "them at the population level"
+                )
+            contrib = np.einsum("nq,nq->n", Zn, b[np.where(new, 0, idx)])
+            out = out + np.where(new, 0.0, contrib)
+        return out
+
+    def _re_groups(self, re_form) -> set:
+        all_groups = {b.group for b in self.design.blocks}
+        if re_form is None:
+            return all_groups
+        if re_form is False or (isinstance(re_form, float) and math.isnan(re_form)):
+            return set()
+        if isinstance(re_form, str):
+            text = re_form.strip()
+            if text in ("~0", "~ 0", "NA", "~1", "~ 1"):
+                return set()
+            pf = parse_formula(text if text.startswith(("~", " ~")) or "~" in text else "~" + text)
+            groups = {t.group_name for t in pf.random}
+            unknown = groups - all_groups
+            if unknown:
+                raise DataError(f"re_form names grouping factor(s) {sorted(unknown)} that are not in the model")
+            return groups
+        raise DataError(f"re_form must be None, False/NaN, or a formula string; got {re_form!r}")
+
+    # ------------------------------------------------------------ printing
+    def summary(self, print_: bool = True) -> str:
+        from .summary import format_summary
+
+        text = format_summary(self)
+        if print_:
+            print(text)
+        return text
+
+    def __repr__(self) -> str:
+        from .summary import format_short
+
+        return format_short(self)
+
+
+def _split_terms(design: Design, sol: dict):
+    """Split the solver's u and A⁻¹ blocks into per-term arrays (levels, q) / (levels, q, q)."""
+    blocks = design.blocks
+    us = [np.asarray(sol["u1"], float)]
+    Ainv = [np.asarray(sol["Ainv1"], float)]
+    u2 = np.asarray(sol["u2"], float)
+    Ar = np.asarray(sol["Ainv_rest"], float)
+    start = 0
+    for b in blocks[1:]:
+        l, q = b.n_levels, b.q
+        us.append(u2[start : start + l * q].reshape(l, q))
+        sub = Ar[start : start + l * q, start : start + l * q].reshape(l, q, l, q)
+        Ainv.append(np.einsum("jajb->jab", sub))
+        start += l * q
+    return us, Ainv

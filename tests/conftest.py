@@ -1,0 +1,76 @@
+"""Shared helpers: load R reference cases (tests/fixtures/*/cases) and their data."""
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from functools import lru_cache
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+CASE_DIRS = [FIXTURES / "reference", FIXTURES / "extra"]
+
+
+def all_cases(engine_prefix: str = "lme4") -> list[Path]:
+    out = []
+    for d in CASE_DIRS:
+        for f in sorted((d / "cases").glob("*.json")):
+            c = json.loads(f.read_text())
+            if str(c.get("engine", "")).startswith(engine_prefix) and "formula" in c:
+                out.append(f)
+    return out
+
+
+@lru_cache(maxsize=None)
+def load_case(path: str) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def case_data(path: Path, case: dict) -> pd.DataFrame:
+    df = pd.read_csv(path.parent.parent / "data" / case["dataset"])
+    for col, levels in (case.get("factor_levels") or {}).items():
+        df[col] = pd.Categorical(df[col].astype(str), categories=levels)
+    return df
+
+
+def python_formula(r_formula: str) -> str:
+    """R spelling -> Python spelling: ``x^2`` -> ``x**2``, ``log(`` -> ``np.log(``."""
+    f = r_formula.replace("^", "**")
+    return re.sub(r"(?<![\w.])(log|exp|sqrt)\(", r"np.\1(", f)
+
+
+def norm_name(name: str) -> str:
+    """Compare coefficient names across R and Python spellings."""
+    return name.replace(" ", "").replace("**", "^").replace("np.", "")
+
+
+@lru_cache(maxsize=None)
+def fitted_case(path: str, at_r_theta: bool = False):
+    """(case, data, model): fitted by lmmjax, or evaluated at R's θ."""
+    import lmmjax
+
+    case = load_case(path)
+    df = case_data(Path(path), case)
+    theta = case["theta"] if at_r_theta else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", lmmjax.SingularFitWarning)
+        m = lmmjax.lmer(python_formula(case["formula"]), df, reml=case["REML"], theta=theta)
+    return case, df, m
+
+
+LME4_CASES = all_cases("lme4")
+
+
+@pytest.fixture(params=LME4_CASES, ids=lambda p: p.stem)
+def lme4_case(request):
+    """lmmjax's own fit of an lme4 case."""
+    return fitted_case(str(request.param))
+
+
+@pytest.fixture(params=LME4_CASES, ids=lambda p: p.stem)
+def lme4_case_at_r_theta(request):
+    """The lme4 case evaluated at R's θ: isolates everything downstream of the optimizer."""
+    return fitted_case(str(request.param), at_r_theta=True)
