@@ -188,17 +188,15 @@ def _model_matrix(rhs: str, data: pd.DataFrame, where: str):
     return mm
 
 
-def _drop_rank_deficient(X: np.ndarray, names: list[str]):
-    """Keep a maximal set of linearly independent columns (pivoted QR), like lme4."""
+def _drop_rank_deficient(X: np.ndarray, names: list[str], tol: float = 1e-7):
+    """Drop columns that are (numerically) linear combinations of *earlier* columns,
+    keeping the first of any dependent set like R's ``qr`` (lme4's ``chkRank.drop.cols``):
+    column j is kept iff ``|R_jj| > tol · ‖X_j‖`` in an unpivoted QR."""
     if X.shape[1] == 0:
-        return X, names, [], np.arange(X.shape[1])
-    import scipy.linalg as sla
-
-    _, R, piv = sla.qr(X, mode="economic", pivoting=True)
-    d = np.abs(np.diag(R))
-    tol = max(X.shape) * np.finfo(float).eps * (d[0] if d.size else 0.0) * 1e3
-    rank = int(np.sum(d > max(tol, 1e-7 * d[0])))
-    keep = np.sort(piv[:rank])
+        return X, names, [], np.arange(0)
+    R = np.linalg.qr(X, mode="r")
+    norms = np.linalg.norm(X, axis=0)
+    keep = np.flatnonzero(np.abs(np.diag(R)) > tol * np.maximum(norms, np.finfo(float).tiny))
     dropped = [names[i] for i in range(len(names)) if i not in set(keep)]
     if dropped:
         warnings.warn(

@@ -62,6 +62,19 @@ def fitted_case(path: str, at_r_theta: bool = False):
 
 
 LME4_CASES = all_cases("lme4")
+TIGHT = FIXTURES / "tight" / "cases"
+
+
+def r_optima(case: dict) -> list[dict]:
+    """R's answers to compare an optimum with: the tightly converged refit
+    (tests/fixtures/tight) always, and R's default fit when it converged, i.e. its
+    criterion is within 1e-9 relative of the tight refit's."""
+    tight = load_case(str(TIGHT / f"{case['case']}.json"))
+    key = "REMLcrit" if case["REML"] else "deviance"
+    out = [tight]
+    if abs(case[key] - tight[key]) <= 1e-9 * abs(tight[key]):
+        out.append(case)
+    return out
 
 
 @pytest.fixture(params=LME4_CASES, ids=lambda p: p.stem)

@@ -11,16 +11,19 @@ Two kinds of check:
   covariance blocks, fitted values — must agree to 1e-6 relative (R's JSON holds
   15 significant digits; R's θ itself is only accurate to ~1e-7).
 
-R's optimizer sometimes stops early (orthodont_lmer_age_sex_reml: R's gradient is
-1e-2, ours 1e-10, our REML criterion 5.6e-6 lower), so θ-sensitive quantities such
-as conditional modes are compared tightly at R's θ rather than loosely at ours.
+R's default optimizer sometimes stops early (orthodont_lmer_age_sex_reml: R's gradient
+is 1e-2, ours 1e-10, our REML criterion 5.6e-6 lower, its random-intercept SD off by
+1.03e-3 relative).  So results at our optimum are compared with R's *best* optimum —
+a refit with bobyqa and rhoend = 1e-12 (tests/fixtures/tight, made by
+tests/r/make_tight_cases.R) — and also with R's default fit wherever that converged
+(criterion within 1e-9 relative of the tight refit: every case but Orthodont).
 """
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 
-from conftest import norm_name
+from conftest import norm_name, r_optima
 
 REL = 1e-6
 
@@ -32,13 +35,14 @@ def _isna(x) -> bool:
 # ------------------------------------------------------------ at our optimum
 def test_criterion_loglik_aic_bic(lme4_case):
     case, _, m = lme4_case
-    r_crit = case["REMLcrit"] if case["REML"] else case["deviance"]
     ours = m.reml_criterion if case["REML"] else m.deviance
-    np.testing.assert_allclose(ours, r_crit, rtol=REL)
-    assert ours <= r_crit + 1e-9 * abs(r_crit), "lmmjax's optimum is worse than lme4's"
-    np.testing.assert_allclose(m.loglik, case["logLik"], rtol=REL)
-    np.testing.assert_allclose(m.aic, case["AIC"], rtol=REL)
-    np.testing.assert_allclose(m.bic, case["BIC"], rtol=REL)
+    for ref in [case] + r_optima(case)[:1]:
+        r_crit = ref["REMLcrit"] if ref["REML"] else ref["deviance"]
+        np.testing.assert_allclose(ours, r_crit, rtol=REL)
+        assert ours <= r_crit + 1e-9 * abs(r_crit), "lmmjax's optimum is worse than lme4's"
+        np.testing.assert_allclose(m.loglik, ref["logLik"], rtol=REL)
+        np.testing.assert_allclose(m.aic, ref["AIC"], rtol=REL)
+        np.testing.assert_allclose(m.bic, ref["BIC"], rtol=REL)
     assert m.npar == case["logLik_df"]
     assert m.nobs == case["nobs"]
     assert m.ngroups == case["ngrps"]
@@ -46,14 +50,15 @@ def test_criterion_loglik_aic_bic(lme4_case):
 
 def test_fixed_effects_and_vcov(lme4_case):
     case, _, m = lme4_case
-    fx = case["fixed"]
-    assert [norm_name(n) for n in m.fixef.index] == [norm_name(n) for n in fx["names"]]
-    se_r = np.array(fx["se"])
-    se = np.sqrt(np.diag(m.vcov.to_numpy()))
-    assert np.all(np.abs(m.fixef.to_numpy() - fx["estimate"]) <= 1e-3 * se_r)
-    np.testing.assert_allclose(se, se_r, rtol=1e-3)
-    scale = np.outer(se_r, se_r)
-    assert np.all(np.abs(m.vcov.to_numpy() - np.array(fx["vcov"])) <= 1e-3 * scale)
+    for ref in r_optima(case):
+        fx = ref["fixed"]
+        assert [norm_name(n) for n in m.fixef.index] == [norm_name(n) for n in fx["names"]]
+        se_r = np.array(fx["se"])
+        se = np.sqrt(np.diag(m.vcov.to_numpy()))
+        assert np.all(np.abs(m.fixef.to_numpy() - fx["estimate"]) <= 1e-3 * se_r)
+        np.testing.assert_allclose(se, se_r, rtol=1e-3)
+        scale = np.outer(se_r, se_r)
+        assert np.all(np.abs(m.vcov.to_numpy() - np.array(fx["vcov"])) <= 1e-3 * scale)
 
 
 def _check_varcorr(ours: pd.DataFrame, ref: list, sigma: float, sd_rtol: float, corr_atol: float):
@@ -75,13 +80,16 @@ def _check_varcorr(ours: pd.DataFrame, ref: list, sigma: float, sd_rtol: float, 
 
 def test_sigma_and_varcorr(lme4_case):
     case, _, m = lme4_case
-    np.testing.assert_allclose(m.sigma, case["sigma"], rtol=1e-3)
-    _check_varcorr(m.varcorr, case["varcorr"], m.sigma, sd_rtol=1e-3, corr_atol=2e-3)
+    for ref in r_optima(case):
+        np.testing.assert_allclose(m.sigma, ref["sigma"], rtol=1e-3)
+        _check_varcorr(m.varcorr, ref["varcorr"], m.sigma, sd_rtol=1e-3, corr_atol=2e-3)
+    # against R's best optimum θ itself agrees closely
+    np.testing.assert_allclose(m.theta, r_optima(case)[0]["theta"], rtol=1e-4, atol=1e-5)
 
 
 def test_is_singular_and_converged(lme4_case):
     case, _, m = lme4_case
-    assert m.is_singular == case["isSingular"]
+    assert all(m.is_singular == ref["isSingular"] for ref in [case] + r_optima(case))
     assert m.converged
     assert m.optinfo.hessian_pd or m.is_singular
 
@@ -128,20 +136,17 @@ def test_at_r_theta_fitted(lme4_case_at_r_theta):
     np.testing.assert_allclose(m.predict(re_form=False)[:20], case["predict_fixed_first20"], rtol=REL, atol=tol)
 
 
-def test_ranef_at_optimum_close_to_r(lme4_case):
-    """At our optimum, conditional modes agree with R's within 1e-3 conditional SDs
-    wherever R's optimum agrees with ours in criterion to 1e-8 relative."""
+def test_ranef_and_fitted_at_optimum(lme4_case):
+    """At our optimum: conditional modes within 1e-3 conditional SDs, conditional SDs
+    within 1e-3 relative, fitted values within 1e-4 σ of R's optimum."""
     case, _, m = lme4_case
-    r_crit = case["REMLcrit"] if case["REML"] else case["deviance"]
-    ours = m.reml_criterion if case["REML"] else m.deviance
-    if r_crit - ours > 1e-8 * abs(r_crit):
-        # R stopped early: documented in the module docstring; covered at R's θ
-        return
     re, sd = m.ranef(), m.ranef_sd()
-    for r in case["ranef"]:
-        val, csd = re[r["group"]].loc[r["level"], r["term"]], sd[r["group"]].loc[r["level"], r["term"]]
-        if r["condsd"] > 0:
-            np.testing.assert_allclose(csd, r["condsd"], rtol=1e-3)
-            assert abs(val - r["condval"]) <= 1e-3 * r["condsd"]
-        else:
-            assert abs(val) <= 1e-6 * m.sigma
+    for ref in r_optima(case):
+        for r in ref["ranef"]:
+            val, csd = re[r["group"]].loc[r["level"], r["term"]], sd[r["group"]].loc[r["level"], r["term"]]
+            if r["condsd"] > 0:
+                np.testing.assert_allclose(csd, r["condsd"], rtol=1e-3)
+                assert abs(val - r["condval"]) <= 1e-3 * r["condsd"]
+            else:
+                assert abs(val) <= 1e-6 * m.sigma
+        np.testing.assert_allclose(m.fitted[:20], ref["fitted_first20"], rtol=0, atol=1e-4 * m.sigma)

@@ -1,0 +1,112 @@
+"""Optimizer behaviour, precision isolation, prediction and printing."""
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+import pytest
+
+import lmmjax
+
+
+@pytest.fixture(scope="module")
+def sleep():
+    return lmmjax.datasets.sleepstudy()
+
+
+@pytest.fixture(scope="module")
+def fit(sleep):
+    return lmmjax.lmer("Reaction ~ Days + (Days | Subject)", sleep)
+
+
+def test_escapes_theta_zero_trap(sleep):
+    """At θ = 0 the gradient vanishes by symmetry; a start there must still
+    reach the interior optimum (sleepstudy has a clearly positive variance)."""
+    ref = lmmjax.lmer("Reaction ~ Days + (1 | Subject)", sleep)
+    m = lmmjax.lmer("Reaction ~ Days + (1 | Subject)", sleep, start=[0.0])
+    assert ref.theta[0] > 0.5
+    np.testing.assert_allclose(m.theta, ref.theta, rtol=1e-6)
+    np.testing.assert_allclose(m.reml_criterion, ref.reml_criterion, rtol=1e-12)
+    m3 = lmmjax.lmer("Reaction ~ Days + (Days | Subject)", sleep, start=[0.0, 0.0, 0.0])
+    ref3 = lmmjax.lmer("Reaction ~ Days + (Days | Subject)", sleep)
+    np.testing.assert_allclose(m3.reml_criterion, ref3.reml_criterion, rtol=1e-10)
+
+
+def test_singular_fit_is_exactly_zero_and_warns():
+    with pytest.warns(lmmjax.SingularFitWarning):
+        m = lmmjax.lmer("Yield ~ 1 + (1 | Batch)", lmmjax.datasets.dyestuff2())
+    assert m.theta[0] == 0.0 and m.is_singular and m.converged
+    assert (m.ranef()["Batch"].to_numpy() == 0).all()
+    assert "boundary (singular) fit" in m.summary(print_=False)
+
+
+def test_float64_without_touching_global_flag(fit):
+    assert not jax.config.jax_enable_x64
+    assert jnp.ones(3).dtype == jnp.float32  # the user's default is untouched
+    assert fit.fixef.dtype == np.float64
+
+
+def test_float32_option_is_close(sleep, fit):
+    m32 = lmmjax.lmer("Reaction ~ Days + (Days | Subject)", sleep, dtype="float32", warn=False)
+    se = np.sqrt(np.diag(fit.vcov))
+    assert np.all(np.abs(m32.fixef - fit.fixef) < 1e-2 * se)
+    with pytest.raises(ValueError, match="dtype"):
+        lmmjax.lmer("Reaction ~ Days + (Days | Subject)", sleep, dtype="float16")
+
+
+def test_optinfo_reports_convergence(fit):
+    o = fit.optinfo
+    assert fit.converged and o.hessian_pd and o.grad_norm < 1e-6 and o.iterations > 0
+    assert o.hessian.shape == (3, 3)
+
+
+def test_predict_new_levels(sleep, fit):
+    new = pd.DataFrame({"Days": [0.0, 5.0], "Subject": ["308", "999"]})
+    with pytest.raises(lmmjax.DataError, match="not seen in the fit.*allow_new_levels=True"):
+        fit.predict(new)
+    p = fit.predict(new, allow_new_levels=True)
+    pop = fit.fixef["(Intercept)"] + fit.fixef["Days"] * 5.0
+    np.testing.assert_allclose(p[1], pop, rtol=1e-12)
+    c = fit.coef()["Subject"].loc["308"]
+    np.testing.assert_allclose(p[0], c["(Intercept)"], rtol=1e-12)
+    np.testing.assert_allclose(fit.predict(new, re_form=False), fit.fixef.iloc[0] + fit.fixef.iloc[1] * new.Days)
+
+
+def test_predict_re_form_subset():
+    df = lmmjax.datasets.penicillin()
+    m = lmmjax.lmer("diameter ~ 1 + (1 | plate) + (1 | sample)", df)
+    only_plate = m.predict(df, re_form="~ (1 | plate)")
+    expect = m.fixef.iloc[0] + m.ranef()["plate"].loc[df.plate.astype(str), "(Intercept)"].to_numpy()
+    np.testing.assert_allclose(only_plate, expect, rtol=1e-12)
+    with pytest.raises(lmmjax.DataError, match="not in the model"):
+        m.predict(df, re_form="~ (1 | batch)")
+
+
+def test_coef_adds_fixed_and_random(fit):
+    c = fit.coef()["Subject"]
+    r = fit.ranef()["Subject"]
+    np.testing.assert_allclose(c["Days"], fit.fixef["Days"] + r["Days"], rtol=1e-12)
+
+
+def test_summary_sections(fit):
+    s = fit.summary(print_=False)
+    for part in ("REML criterion at convergence: 1743.6", "Random effects:", "Fixed effects:",
+                 "Correlation of Fixed Effects:", "Number of obs: 180, groups:  Subject, 18"):
+        assert part in s
+    assert "Random effects" in repr(fit)
+
+
+def test_ml_summary_has_information_criteria(sleep):
+    m = lmmjax.lmer("Reaction ~ Days + (Days | Subject)", sleep, reml=False)
+    s = m.summary(print_=False)
+    assert "maximum likelihood" in s and "AIC" in s and "deviance" in s
+
+
+def test_same_shape_refit_does_not_recompile(sleep, fit):
+    from lmmjax.optimize import value_and_grad
+
+    before = value_and_grad._cache_size()
+    y2 = sleep.assign(Reaction=sleep.Reaction * 1.1 + 3)
+    lmmjax.lmer("Reaction ~ Days + (Days | Subject)", y2)
+    assert value_and_grad._cache_size() == before
