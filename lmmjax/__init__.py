@@ -4,8 +4,12 @@
 >>> m = lmmjax.lmer("Reaction ~ Days + (Days | Subject)", lmmjax.datasets.sleepstudy())
 >>> m.summary()
 """
-from . import datasets
-from .design import DataError
+from ._cache import enable_persistent_cache
+
+enable_persistent_cache()
+
+from . import datasets  # noqa: E402
+from .design import DataError  # noqa: E402
 from .formula import FormulaError
 from .model import lmer, precision
 from .optimize import ConvergenceWarning, SingularFitWarning

@@ -14,7 +14,10 @@ A structure is a small frozen (hashable) object that knows
   i.e. may legitimately sit at exactly 0 (a singular fit),
 * ``canonical(params)``: the representative of the parameters with
   non-negative diagonal (``T Tᵀ`` does not see column signs),
-* ``param_names(colnames)``.
+* ``param_names(colnames)``,
+* ``n_natural``, ``natural_from_cov(Σ)``, ``cov_from_natural(φ)``: the natural
+  parameters φ (variances/covariances, or for nonlinear structures e.g. σ² and ρ)
+  used by Kenward-Roger.
 
 New structures (compound symmetry, AR(1), user kernels) implement the same
 protocol and slot into the likelihood unchanged.
@@ -76,6 +79,20 @@ class Unstructured:
             colnames[i] if i == j else f"{colnames[i]}.{colnames[j]}" for i, j in zip(r, c)
         ]
 
+    # natural (variance-covariance) parameters, in which Σ is linear (Kenward-Roger)
+    @property
+    def n_natural(self) -> int:
+        return self.n_params
+
+    def natural_from_cov(self, Sigma: np.ndarray) -> np.ndarray:
+        r, c = self._tril()
+        return np.asarray(Sigma)[r, c]
+
+    def cov_from_natural(self, phi):
+        r, c = self._tril()
+        S = jnp.zeros((self.q, self.q), phi.dtype).at[r, c].set(phi)
+        return S + jnp.tril(S, -1).T
+
 
 @dataclass(frozen=True)
 class Diagonal:
@@ -102,6 +119,16 @@ class Diagonal:
 
     def param_names(self, colnames) -> list[str]:
         return list(colnames)
+
+    @property
+    def n_natural(self) -> int:
+        return self.q
+
+    def natural_from_cov(self, Sigma: np.ndarray) -> np.ndarray:
+        return np.diag(np.asarray(Sigma)).copy()
+
+    def cov_from_natural(self, phi):
+        return jnp.diag(phi)
 
 
 _KEYWORDS = {"us": Unstructured, "diag": Diagonal}

@@ -84,6 +84,7 @@ class Design:
     dropped_columns: list[str]
     response_name: str
     x_keep: np.ndarray        # columns of the formulaic model matrix kept after rank checks
+    frame: pd.DataFrame = None  # the used rows and columns of the data (for contrasts)
 
     @property
     def n(self) -> int:
@@ -314,7 +315,7 @@ def build_design(formula: str | ParsedFormula, data: pd.DataFrame, require_respo
     return Design(
         formula=pf, y=y, X=X, xnames=xnames, fixed_spec=xmm.model_spec, blocks=blocks,
         rows=rows, n_data=n_data, dropped_columns=dropped, response_name=resp_name,
-        x_keep=x_keep,
+        x_keep=x_keep, frame=df[used],
     )
 
 

@@ -193,5 +193,5 @@ def solve(theta, stats, layout: Layout, reml: bool):
     return dict(
         criterion=crit, beta=beta, sigma2=sigma2, vcov=vcov, u1=u1, u2=u2,
         Ainv1=Ainv1, Ainv_rest=Ainv_rest, r2=f["r2"], logdet_z=f["logdet_z"],
-        logdet_x=f["logdet_x"],
+        logdet_x=f["logdet_x"], Ts=f["Ts"],
     )

@@ -38,7 +38,8 @@ def precision(dtype="float64"):
 
 
 def to_device(stats: dict, dtype) -> dict:
-    return {k: jnp.asarray(v, dtype=dtype) for k, v in stats.items()}
+    """Host arrays -> device arrays in ``dtype`` (a transfer; no compiled conversion kernels)."""
+    return {k: jax.device_put(np.asarray(v, dtype=dtype)) for k, v in stats.items()}
 
 
 def lmer(formula: str, data: pd.DataFrame, reml: bool = True, *, dtype: str = "float64",
@@ -65,8 +66,8 @@ def lmer(formula: str, data: pd.DataFrame, reml: bool = True, *, dtype: str = "f
             opt = minimize_theta(dev_stats, design.layout, reml, theta0=start, maxiter=maxiter)
         else:
             opt = evaluate_theta(dev_stats, design.layout, reml, theta)
-        sol = solve(jnp.asarray(opt.theta, dt), dev_stats, design.layout, reml)
-        sol = {k: np.asarray(v) for k, v in sol.items()}
+        sol = solve(jax.device_put(np.asarray(opt.theta, dt)), dev_stats, design.layout, reml)
+        sol = jax.tree.map(np.asarray, sol)
     m = LmerResult(design, stats, opt, sol, reml, data_name=getattr(data, "_lmmjax_name", None))
     if warn:
         if not m.converged:

@@ -101,17 +101,18 @@ def _lbfgs(f, theta, maxiter, gtol):
     """
     theta = np.asarray(theta, float)
     v, g = f(theta)
-    state = _lbfgs_init(jnp.asarray(theta))
+    dt = np.float64 if jax.config.jax_enable_x64 else np.float32
+    state = _lbfgs_init(jax.device_put(theta.astype(dt)))
     stall = 0
     it = 0
     for it in range(1, maxiter + 1):
         if np.max(np.abs(g)) < gtol:
             break
-        d, new_state = _lbfgs_direction(jnp.asarray(g), state, jnp.asarray(theta))
+        d, new_state = _lbfgs_direction(jax.device_put(g.astype(dt)), state, jax.device_put(theta.astype(dt)))
         d = np.asarray(d)
         slope = -float(d @ g)
         if not np.isfinite(slope) or slope >= 0:  # lost curvature information: restart
-            new_state = _lbfgs_init(jnp.asarray(theta))
+            new_state = _lbfgs_init(jax.device_put(theta.astype(dt)))
             d = g / max(1.0, np.linalg.norm(g))
             slope = -float(d @ g)
         alpha, accepted = 1.0, False
@@ -137,14 +138,17 @@ def minimize_theta(stats, layout: Layout, reml: bool, theta0=None, maxiter: int 
                    gtol: float = 1e-6) -> OptimizeResult:
     """Minimize the profiled REML/ML criterion; see the module docstring."""
     theta = layout.init_theta() if theta0 is None else np.asarray(theta0, float)
+    if theta.shape != (layout.n_theta,):
+        raise ValueError(f"start must have {layout.n_theta} entries (lme4's θ order), got shape {theta.shape}")
+    dtype = stats["XX"].dtype
     bidx = layout.boundary()
     nfev = 0
 
     def f(th):
         nonlocal nfev
         nfev += 1
-        v, g = value_and_grad(jnp.asarray(th), stats, layout, reml)
-        return float(v), np.asarray(g)
+        v, g = value_and_grad(jax.device_put(np.asarray(th, dtype)), stats, layout, reml)
+        return float(v), np.asarray(g, float)
 
     theta, iters = _lbfgs(f, theta, maxiter, gtol)
     theta = layout.canonical(theta)
@@ -226,8 +230,13 @@ def evaluate_theta(stats, layout: Layout, reml: bool, theta) -> OptimizeResult:
     if theta.shape != (layout.n_theta,):
         raise ValueError(f"theta must have {layout.n_theta} entries (lme4's order), got shape {theta.shape}")
     theta = layout.canonical(theta)
-    v, g = value_and_grad(jnp.asarray(theta), stats, layout, reml)
-    H = fd_hessian(lambda t: np.asarray(value_and_grad(jnp.asarray(t), stats, layout, reml)[1]), theta)
+    dtype = stats["XX"].dtype
+
+    def vg(t):
+        return value_and_grad(jax.device_put(np.asarray(t, dtype)), stats, layout, reml)
+
+    v, g = vg(theta)
+    H = fd_hessian(lambda t: np.asarray(vg(t)[1], float), theta)
     return OptimizeResult(
         theta=theta, criterion=float(v), iterations=0, evaluations=1,
         grad_norm=float(np.max(np.abs(np.asarray(g)))) if theta.size else 0.0, hessian=H,

@@ -8,19 +8,18 @@ from __future__ import annotations
 
 import math
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
 from .design import DataError, Design, level_index
 from .formula import parse_formula
+from .inference import InferenceMixin
 from .optimize import OptimizeResult
 
 __all__ = ["LmerResult"]
 
 
-class LmerResult:
+class LmerResult(InferenceMixin):
     """A fitted linear mixed model (what :func:`lmmjax.lmer` returns).
 
     Attribute names follow lme4: ``fixef``, ``vcov``, ``sigma``, ``theta``,
@@ -54,8 +53,7 @@ class LmerResult:
         self.is_singular = is_singular(self.theta, self.layout)
         # spherical effects u and conditional covariance blocks, split per term
         self._u, self._Ainv = _split_terms(design, sol)
-        with jax.enable_x64(True):
-            self._Ts = [np.asarray(T, float) for T in self.layout.factors(jnp.asarray(self.theta))]
+        self._Ts = [np.asarray(T, float) for T in sol["Ts"]]
         self._b = [u @ T.T for u, T in zip(self._u, self._Ts)]  # b = Λu, per term (levels, q)
 
     # ------------------------------------------------------------ basics

@@ -7,6 +7,7 @@ import warnings
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -67,12 +68,14 @@ TIGHT = FIXTURES / "tight" / "cases"
 
 def r_optima(case: dict) -> list[dict]:
     """R's answers to compare an optimum with: the tightly converged refit
-    (tests/fixtures/tight) always, and R's default fit when it converged, i.e. its
-    criterion is within 1e-9 relative of the tight refit's."""
+    (tests/fixtures/tight) always, and R's default fit when it converged, i.e. its θ
+    is within 1e-5 relative of the tight refit's.  (The criterion is flat at the
+    optimum, so θ — which drives df and p — is the stricter test: Penicillin's default
+    fit is 2.6e-11 off in criterion but 3e-5 in θ, which moves a p of 3.6e-7 by 1.2e-3.)"""
     tight = load_case(str(TIGHT / f"{case['case']}.json"))
-    key = "REMLcrit" if case["REML"] else "deviance"
+    a, b = np.asarray(case["theta"], float), np.asarray(tight["theta"], float)
     out = [tight]
-    if abs(case[key] - tight[key]) <= 1e-9 * abs(tight[key]):
+    if np.max(np.abs(a - b) / np.maximum(1.0, np.abs(b)), initial=0.0) <= 1e-5:
         out.append(case)
     return out
 

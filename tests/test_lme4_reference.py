@@ -16,7 +16,8 @@ is 1e-2, ours 1e-10, our REML criterion 5.6e-6 lower, its random-intercept SD of
 1.03e-3 relative).  So results at our optimum are compared with R's *best* optimum —
 a refit with bobyqa and rhoend = 1e-12 (tests/fixtures/tight, made by
 tests/r/make_tight_cases.R) — and also with R's default fit wherever that converged
-(criterion within 1e-9 relative of the tight refit: every case but Orthodont).
+(θ within 1e-5 relative of the tight refit: all but Orthodont, Penicillin,
+sleepstudy_slope_ml and sim_slope_on_factor; see conftest.r_optima).
 """
 from __future__ import annotations
 

@@ -1,0 +1,417 @@
+r"""Small-sample inference for fixed effects: Satterthwaite and Kenward-Roger by autodiff.
+
+**Satterthwaite** (Kuznetsova, Brockhoff & Christensen 2017, lmerTest).  With
+variance parameters ψ = (θ, σ) and the *unprofiled* criterion
+
+    d(ψ) = log|L_Z|² + r²(θ)/σ² + n log(2πσ²)   [ML]
+    d(ψ) += log|R_X|² − p log(2πσ²)             [REML]
+
+(r² the penalized RSS at β̂(θ)), A = 2 H⁻¹ with H the *observed* Hessian of d at ψ̂
+(pseudo-inverse over eigenvalues > 1e-8, as lmerTest) and C(ψ) = σ² R_X⁻¹R_X⁻ᵀ.
+For a contrast l: df = 2 (lᵀCl)² / (gᵀAg), g_i = lᵀ (∂C/∂ψ_i) l.  H and ∂C/∂ψ are
+exact (jax.hessian / jax.jacfwd), where lmerTest uses finite differences.
+Multi-row L: eigen-decompose LCLᵀ into q independent t-tests and pool their dfs
+(lmerTest's ``contestMD``).
+
+**Kenward-Roger** (Kenward & Roger 1997; pbkrtest, Halekoh & Højsgaard 2014), the
+variant pbkrtest implements: natural parameters φ = (entries of each Σ_k, σ²), in
+which V(φ) = Σ_k Z_k(I⊗Σ_k)Z_kᵀ + σ²I is *linear*, so the second-derivative terms
+R_ij vanish; *expected* information.  With M(φ) = XᵀV⁻¹X, Φ = M⁻¹:
+
+    P_i  = ∂M/∂φ_i                               (jax.jacfwd)
+    Σ_ij W_ij Q_ij = ½ Σ_ij W_ij ∂²M/∂φ_i∂φ_j     (jax.hessian; exact when V is linear)
+    I_E  = ½ tr(P G_i P G_j) = −½ ∂²[log|V| + log|M|]/∂φ_i∂φ_j   (P the REML projection)
+    W    = I_E⁻¹,   Φ_A = Φ + 2Φ[Σ W_ij (Q_ij − P_iΦP_j)]Φ
+
+and the scaled F / denominator df of K&R's eq. (1997, sec. 4).  Nothing of size
+n × n is formed: M, log|V| and log|M| come from the q × q cross-products
+(log|V| = n log σ² + log|I + ZᵀZ S|, V⁻¹ by the push-through identity with
+S = D/σ², which stays valid when a variance is 0).
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.stats as sst
+
+from .likelihood import Layout, factorize
+
+__all__ = ["satterthwaite_derivatives", "kr_derivatives", "satterthwaite_test", "kr_test",
+           "natural_parameters", "dense_crossproducts"]
+
+EIG_TOL = 1e-8  # lmerTest's tolerance for the eigenvalues of H
+
+
+# ------------------------------------------------------------ Satterthwaite
+def _unprofiled_criterion(vp, stats, layout: Layout, reml: bool):
+    theta, sigma = vp[:-1], vp[-1]
+    f = factorize(theta, stats, layout)
+    n = stats["n"]
+    s2 = sigma * sigma
+    dev = f["logdet_z"] + f["r2"] / s2 + n * jnp.log(2 * math.pi * s2)
+    if reml:
+        p = stats["XX"].shape[-1]
+        dev = dev + f["logdet_x"] - p * jnp.log(2 * math.pi * s2)
+    return dev
+
+
+def _cov_beta(vp, stats, layout: Layout):
+    f = factorize(vp[:-1], stats, layout)
+    p = f["Mxx"].shape[0]
+    return vp[-1] ** 2 * jnp.linalg.solve(f["Mxx"], jnp.eye(p, dtype=f["Mxx"].dtype))
+
+
+@partial(jax.jit, static_argnames=("layout", "reml"))
+def satterthwaite_derivatives(vp, stats, layout: Layout, reml: bool):
+    """(H, J): Hessian of the (θ, σ) criterion and Jacobian of Var(β̂), shape (p, p, k+1)."""
+    H = jax.hessian(_unprofiled_criterion)(vp, stats, layout, reml)
+    J = jax.jacfwd(_cov_beta)(vp, stats, layout)
+    return H, J
+
+
+def vcov_varpar(H: np.ndarray) -> np.ndarray:
+    """A = 2 H⁻¹ with lmerTest's Moore-Penrose treatment of tiny eigenvalues."""
+    w, U = np.linalg.eigh(0.5 * (H + H.T))
+    pos = w > EIG_TOL
+    return 2.0 * (U[:, pos] / w[pos]) @ U[:, pos].T
+
+
+def _satt_df_rows(L, C, J, A):
+    """Satterthwaite df for each row of L (independent contrasts)."""
+    var = np.einsum("ri,ij,rj->r", L, C, L)
+    g = np.einsum("ri,ijk,rj->rk", L, J, L)
+    denom = np.einsum("rk,kl,rl->r", g, A, g)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return 2.0 * var**2 / denom
+
+
+def pooled_ddf(nu: np.ndarray, tol: float = 1e-8) -> float:
+    """Denominator df of an F statistic from q t-statistics' dfs (lmerTest)."""
+    nu = np.asarray(nu, float)
+    if nu.size == 1:
+        return float(nu[0])
+    if np.all(np.abs(np.diff(nu)) < tol):
+        return float(nu.mean())
+    if np.any(nu <= 2):
+        return 2.0
+    E = np.sum(nu / (nu - 2))
+    return float(2 * E / (E - nu.size))
+
+
+def satterthwaite_test(L, beta, C, J, A) -> dict:
+    """F test of Lβ = 0 with Satterthwaite df (lmerTest's ``contestMD``)."""
+    L = np.atleast_2d(np.asarray(L, float))
+    VL = L @ C @ L.T
+    d, P = np.linalg.eigh(VL)
+    order = np.argsort(d)[::-1]
+    d, P = d[order], P[:, order]
+    pos = d > max(np.finfo(float).eps ** 0.5 * d[0], 0)
+    q = int(pos.sum())
+    PtL = (P.T @ L)[:q]
+    t2 = (PtL @ beta) ** 2 / d[:q]
+    F = float(t2.sum() / q)
+    nu = _satt_df_rows(PtL, C, J, A)
+    ddf = pooled_ddf(nu)
+    return dict(F=F, num_df=q, den_df=ddf, p=float(sst.f.sf(F, q, ddf)))
+
+
+# ------------------------------------------------------------ Kenward-Roger
+def natural_parameters(theta: np.ndarray, sigma: float, layout: Layout) -> np.ndarray:
+    """φ: for each term the lower-triangle entries of Σ_k = σ²T_kT_kᵀ (lme4 order)
+    — only the free entries of the structure (diagonal for ``diag``) — then σ²."""
+    out = []
+    off = layout.theta_offsets
+    with jax.enable_x64(True):
+        for k, s in enumerate(layout.structures):
+            T = np.asarray(s.factor(jnp.asarray(theta[off[k] : off[k + 1]], jnp.float64)))
+            out.append(s.natural_from_cov(sigma**2 * T @ T.T))
+    out.append(np.array([sigma**2]))
+    return np.concatenate(out)
+
+
+def dense_crossproducts(stats: dict, layout: Layout) -> dict:
+    """ZᵀZ (q × q), ZᵀX, XᵀX and n assembled from the blocked statistics (host side)."""
+    D1 = np.asarray(stats["D1"])
+    l1, q1, _ = D1.shape
+    Z1X = np.asarray(stats["Z1X"]).reshape(l1 * q1, -1)
+    blocks = np.zeros((l1 * q1, l1 * q1))
+    for j in range(l1):
+        blocks[j * q1 : (j + 1) * q1, j * q1 : (j + 1) * q1] = D1[j]
+    if layout.q_rest:
+        Z1Zr = np.asarray(stats["Z1Zr"]).reshape(l1 * q1, -1)
+        ZtZ = np.block([[blocks, Z1Zr], [Z1Zr.T, np.asarray(stats["ZrZr"])]])
+        ZtX = np.vstack([Z1X, np.asarray(stats["ZrX"])])
+    else:
+        ZtZ, ZtX = blocks, Z1X
+    return dict(ZtZ=ZtZ, ZtX=ZtX, XX=np.asarray(stats["XX"]), n=float(stats["n"]))
+
+
+def _right_apply_S(Mat, phi, layout: Layout):
+    """Mat @ S with S = blockdiag_k(I ⊗ Σ_k(φ_k))/σ² (columns level-major per term)."""
+    s2 = phi[-1]
+    out, start, off = [], 0, 0
+    for s, l in zip(layout.structures, layout.n_levels):
+        q, m = s.q, s.n_natural
+        Sk = s.cov_from_natural(phi[off : off + m]) / s2
+        blk = Mat[..., start : start + l * q].reshape(Mat.shape[:-1] + (l, q)) @ Sk
+        out.append(blk.reshape(Mat.shape[:-1] + (l * q,)))
+        start += l * q
+        off += m
+    return jnp.concatenate(out, axis=-1)
+
+
+def _kr_pieces(phi, dense, layout: Layout):
+    """M(φ) = XᵀV⁻¹X and log|V| + log|M| from the q × q cross-products.
+
+    V = σ²(I + ZSZᵀ) with S = D/σ²; push-through: (I + ZSZᵀ)⁻¹ = I − ZS(I + ZᵀZS)⁻¹Zᵀ,
+    so with B = I + ZᵀZS:  M = σ⁻²(XᵀX − (SZᵀX)ᵀ B⁻¹ ZᵀX),  log|V| = n log σ² + log|B|.
+    """
+    ZtZ, ZtX, XX, n = dense["ZtZ"], dense["ZtX"], dense["XX"], dense["n"]
+    s2 = phi[-1]
+    B = jnp.eye(ZtZ.shape[0], dtype=ZtZ.dtype) + _right_apply_S(ZtZ, phi, layout)
+    SZtX = _right_apply_S(ZtX.T, phi, layout).T
+    M = (XX - SZtX.T @ jnp.linalg.solve(B, ZtX)) / s2
+    M = 0.5 * (M + M.T)
+    logdet_v = n * jnp.log(s2) + jnp.linalg.slogdet(B)[1]
+    return M, logdet_v + jnp.linalg.slogdet(M)[1]
+
+
+@partial(jax.jit, static_argnames=("layout",))
+def kr_derivatives(phi, dense, layout: Layout):
+    """(M, P, HM, IE): M = XᵀV⁻¹X, P_i = ∂M/∂φ_i (p,p,k), HM = ∂²M (p,p,k,k), and the
+    expected REML information I_E (k, k)."""
+    def m_of(ph):
+        return _kr_pieces(ph, dense, layout)[0]
+
+    def ld_of(ph):
+        return _kr_pieces(ph, dense, layout)[1]
+
+    M = m_of(phi)
+    P = jax.jacfwd(m_of)(phi)
+    HM = jax.jacfwd(jax.jacfwd(m_of))(phi)
+    IE = -0.5 * jax.hessian(ld_of)(phi)
+    return M, P, HM, IE
+
+
+def kr_adjusted(M, P, HM, IE):
+    """Φ, Φ_A (pbkrtest's ``vcovAdj``), W, and P as numpy arrays."""
+    M, P, HM, IE = (np.asarray(a, float) for a in (M, P, HM, IE))
+    Phi = np.linalg.inv(M)
+    Phi = 0.5 * (Phi + Phi.T)
+    IE2 = 2.0 * IE
+    ev = np.linalg.eigvalsh(IE2)
+    W = 2.0 * (np.linalg.inv(IE2) if np.min(np.abs(ev)) > 1e-10 else np.linalg.pinv(IE2))
+    Pk = np.moveaxis(P, -1, 0)                      # (k, p, p)
+    PPhiP = np.einsum("iab,bc,jcd->ijad", Pk, Phi, Pk)
+    U = 0.5 * np.einsum("ij,abij->ab", W, HM) - np.einsum("ij,ijad->ad", W, PPhiP)
+    PhiA = Phi + 2.0 * Phi @ U @ Phi
+    return Phi, 0.5 * (PhiA + PhiA.T), W, Pk
+
+
+def kr_test(L, beta, Phi, PhiA, W, Pk) -> dict:
+    """Kenward-Roger F test of Lβ = 0 (scaled F and denominator df; pbkrtest's KRmodcomp)."""
+    L = np.atleast_2d(np.asarray(L, float))
+    q = int(np.linalg.matrix_rank(L))
+    Theta = L.T @ np.linalg.solve(L @ Phi @ L.T, L)
+    TP = Theta @ Phi
+    U = np.einsum("ab,ibc,cd->iad", TP, Pk, Phi)       # Θ Φ P_i Φ
+    tr = np.einsum("iaa->i", U)
+    A1 = float(np.einsum("ij,i,j->", W, tr, tr))
+    A2 = float(np.einsum("ij,iab,jba->", W, U, U))
+    B = (A1 + 6 * A2) / (2 * q)
+    g = ((q + 1) * A1 - (q + 4) * A2) / ((q + 2) * A2)
+    den = 3 * q + 2 * (1 - g)
+    c1, c2, c3 = g / den, (q - g) / den, (q + 2 - g) / den
+    V0 = 1 + c1 * B
+    V0 = 0.0 if abs(V0) < 1e-10 else V0
+    V1, V2 = 1 - c2 * B, 1 - c3 * B
+    ratio = 0.0 if V1 == 0 else (1 - A2 / q) / V1
+    rho = ratio**2 * V0 / V2 / q
+    ddf = 4 + (q + 2) / (q * rho - 1)
+    scale = 1.0 if abs(ddf - 4) < 1e-2 else ddf * (1 - A2 / q) / (ddf - 2)
+    Lb = L @ beta
+    wald = float(Lb @ np.linalg.solve(L @ PhiA @ L.T, Lb))
+    F = scale * wald / q
+    return dict(F=F, num_df=q, den_df=float(ddf), p=float(sst.f.sf(F, q, ddf)), F_scaling=scale)
+
+
+# ------------------------------------------------------------ model-level API
+_DDF = {
+    "satterthwaite": "satterthwaite", "kenward-roger": "kenward-roger", "kr": "kenward-roger",
+    "kenward_roger": "kenward-roger", "residual": "residual", "asymptotic": "asymptotic",
+    "wald": "asymptotic", "z": "asymptotic",
+}
+
+
+def normalize_ddf(ddf: str) -> str:
+    try:
+        return _DDF[str(ddf).lower()]
+    except KeyError:
+        raise ValueError(
+            f"ddf must be one of 'satterthwaite', 'kenward-roger', 'residual', 'asymptotic'; got {ddf!r}"
+        ) from None
+
+
+def _device64(tree):
+    return jax.tree.map(lambda a: jax.device_put(np.asarray(a, np.float64)), tree)
+
+
+class InferenceMixin:
+    """t tables, F tests and anova for :class:`~lmmjax.results.LmerResult`."""
+
+    def _inference_cache(self) -> dict:
+        if not hasattr(self, "_icache"):
+            self._icache = {}
+        return self._icache
+
+    def _satterthwaite(self):
+        c = self._inference_cache()
+        if "satt" not in c:
+            with jax.enable_x64(True):
+                vp = jax.device_put(np.r_[self.theta, self.sigma].astype(np.float64))
+                H, J = satterthwaite_derivatives(vp, _device64(self.stats), self.layout, self.reml)
+                H, J = np.asarray(H), np.asarray(J)
+            c["satt"] = (self.vcov.to_numpy(), J, vcov_varpar(H), H)
+        return c["satt"]
+
+    def _kenward_roger(self):
+        if not self.reml:
+            raise ValueError("Kenward-Roger needs a REML fit (as in pbkrtest); refit with reml=True")
+        c = self._inference_cache()
+        if "kr" not in c:
+            phi = natural_parameters(self.theta, self.sigma, self.layout)
+            with jax.enable_x64(True):
+                dense = _device64(dense_crossproducts(self.stats, self.layout))
+                out = kr_derivatives(jax.device_put(phi), dense, self.layout)
+            c["kr"] = kr_adjusted(*out)
+        return c["kr"]
+
+    @property
+    def vcov_kr(self):
+        """Kenward-Roger adjusted Var(β̂) (pbkrtest's ``vcovAdj``), a DataFrame."""
+        import pandas as pd
+
+        PhiA = self._kenward_roger()[1]
+        return pd.DataFrame(PhiA, index=self.fixef.index, columns=self.fixef.index)
+
+    def coef_table(self, ddf: str = "satterthwaite", level: float = 0.95):
+        """Fixed-effects table: estimate, se, df, t, p and a ``level`` confidence interval.
+
+        ddf: "satterthwaite" (lmerTest), "kenward-roger" (pbkrtest: adjusted SEs and
+        df), "residual" (n − p), "asymptotic" (z tests, what statsmodels reports).
+        """
+        import pandas as pd
+
+        ddf = normalize_ddf(ddf)
+        beta = self.fixef.to_numpy()
+        p = beta.size
+        eye = np.eye(p)
+        if ddf == "kenward-roger":
+            Phi, PhiA, W, Pk = self._kenward_roger()
+            se = np.sqrt(np.diag(PhiA))
+            df = np.array([kr_test(eye[i], beta, Phi, PhiA, W, Pk)["den_df"] for i in range(p)])
+        else:
+            se = np.sqrt(np.diag(self.vcov.to_numpy()))
+            if ddf == "satterthwaite":
+                C, J, A, _ = self._satterthwaite()
+                df = _satt_df_rows(eye, C, J, A)
+            elif ddf == "residual":
+                df = np.full(p, float(self.nobs - p))
+            else:
+                df = np.full(p, np.inf)
+        t = beta / se
+        pval = 2 * sst.t.sf(np.abs(t), df)
+        crit = sst.t.ppf(0.5 + level / 2, df)
+        return pd.DataFrame(
+            {"estimate": beta, "se": se, "df": df, "t": t, "p": pval,
+             "lower": beta - crit * se, "upper": beta + crit * se},
+            index=self.fixef.index,
+        )
+
+    def _contrast_matrix(self, L) -> np.ndarray:
+        names = list(self.fixef.index)
+        if isinstance(L, str):
+            from .contrasts import type3_contrasts
+
+            L3 = type3_contrasts(self.design)
+            if L in L3:
+                return L3[L]
+            if L in names:
+                return np.eye(len(names))[[names.index(L)]]
+            raise ValueError(f"{L!r} is neither a model term {sorted(L3)} nor a coefficient {names}")
+        if isinstance(L, dict):
+            row = np.zeros(len(names))
+            for k, v in L.items():
+                if k not in names:
+                    raise ValueError(f"unknown coefficient {k!r}; coefficients are {names}")
+                row[names.index(k)] = v
+            return row[None, :]
+        if isinstance(L, (list, tuple)) and L and all(isinstance(x, str) for x in L):
+            bad = [x for x in L if x not in names]
+            if bad:
+                raise ValueError(f"unknown coefficient(s) {bad}; coefficients are {names}")
+            return np.eye(len(names))[[names.index(x) for x in L]]
+        L = np.atleast_2d(np.asarray(L, float))
+        if L.shape[1] != len(names):
+            raise ValueError(f"L must have {len(names)} columns (one per coefficient), got shape {L.shape}")
+        return L
+
+    def test(self, L, ddf: str = "satterthwaite"):
+        """F test of Lβ = 0 (lmerTest's ``contest``).
+
+        L: a matrix (rows = contrasts), a vector, a list of coefficient names (joint
+        test that all are 0), a dict {coefficient: weight}, or a model term name
+        (its type III hypothesis).  Returns a Series with F, num_df, den_df, p and
+        F_unscaled (the Wald F, Lβ̂ᵀ(LVLᵀ)⁻¹Lβ̂/q).  With ddf="kenward-roger", V is the
+        adjusted Φ_A and F is K&R's scaled F with pbkrtest's df (``KRmodcomp``, which
+        lmerTest's ``contest`` also reports); otherwise F = F_unscaled.
+        """
+        import pandas as pd
+
+        ddf = normalize_ddf(ddf)
+        Lm = self._contrast_matrix(L)
+        beta = self.fixef.to_numpy()
+        if ddf == "satterthwaite":
+            C, J, A, _ = self._satterthwaite()
+            out = satterthwaite_test(Lm, beta, C, J, A)
+            out["F_unscaled"] = out["F"]
+        elif ddf == "kenward-roger":
+            Phi, PhiA, W, Pk = self._kenward_roger()
+            kr = kr_test(Lm, beta, Phi, PhiA, W, Pk)
+            out = dict(F=kr["F"], num_df=kr["num_df"], den_df=kr["den_df"], p=kr["p"],
+                       F_unscaled=kr["F"] / kr["F_scaling"])
+        else:
+            C = self.vcov.to_numpy()
+            q = int(np.linalg.matrix_rank(Lm))
+            Lb = Lm @ beta
+            F = float(Lb @ np.linalg.solve(Lm @ C @ Lm.T, Lb) / q)
+            den = np.inf if ddf == "asymptotic" else float(self.nobs - beta.size)
+            out = dict(F=F, num_df=q, den_df=den, p=float(sst.f.sf(F, q, den)), F_unscaled=F)
+        return pd.Series(out)
+
+    def anova(self, type: int | str = 3, ddf: str = "satterthwaite"):
+        """Type III (default) or type I (sequential) F tests, one row per model term
+        (lmerTest's ``anova(fit, type = ...)``): SumSq, MeanSq, num_df, den_df, F, p."""
+        import pandas as pd
+
+        from .contrasts import type1_contrasts, type3_contrasts
+
+        kind = str(type).upper().replace("TYPE", "").strip()
+        if kind in ("3", "III"):
+            Ls = type3_contrasts(self.design)
+        elif kind in ("1", "I"):
+            Ls = type1_contrasts(self.design)
+        else:
+            raise ValueError(f"type must be 1 or 3, got {type!r}")
+        rows = {}
+        for term, L in Ls.items():
+            r = self.test(L, ddf=ddf)
+            ms = r["F_unscaled"] * self.sigma**2
+            rows[term] = {"SumSq": ms * r["num_df"], "MeanSq": ms, "num_df": int(r["num_df"]),
+                          "den_df": r["den_df"], "F": r["F"], "p": r["p"]}
+        return pd.DataFrame.from_dict(rows, orient="index",
+                                      columns=["SumSq", "MeanSq", "num_df", "den_df", "F", "p"])
