@@ -7,6 +7,7 @@ differentiate cleanly.  Above ``UNROLL_MAX`` we fall back to jax.numpy.
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 
@@ -52,3 +53,30 @@ def tril_inv_small(L):
     zero = jnp.zeros_like(L[..., 0, 0])
     rows = [jnp.stack([X[i][j] if j <= i else zero for j in range(q)], -1) for i in range(q)]
     return jnp.stack(rows, -2)
+
+
+def _phi(X):
+    """Lower triangle with the diagonal halved (Murray 2016, 'Differentiation of the Cholesky')."""
+    return jnp.tril(X) - 0.5 * jnp.diag(jnp.diag(X))
+
+
+@jax.custom_jvp
+def chol_inv(A):
+    """(L, L⁻¹) for SPD ``A`` (dense, unbatched), L lower triangular.
+
+    Its JVP is written with matmuls only — L̇ = L Φ(L⁻¹ȦL⁻ᵀ), (L⁻¹)˙ = −Φ(L⁻¹ȦL⁻ᵀ)L⁻¹ —
+    because JAX's own Cholesky / triangular-solve derivatives lower to slow
+    triangular-solve variants on CPU (a 100 × 100 gradient took 16 ms vs 0.07 ms for
+    the factorization).  Use it for well-conditioned matrices (here Schur complements
+    of ΛᵀZᵀZΛ + I, whose eigenvalues are ≥ 1)."""
+    L = jnp.linalg.cholesky(A)
+    Linv = jsl.solve_triangular(L, jnp.eye(A.shape[-1], dtype=A.dtype), lower=True)
+    return L, Linv
+
+
+@chol_inv.defjvp
+def _chol_inv_jvp(primals, tangents):
+    (A,), (dA,) = primals, tangents
+    L, Linv = chol_inv(A)
+    P = _phi(Linv @ dA @ Linv.T)
+    return (L, Linv), (L @ P, -P @ Linv)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 import warnings
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 import pandas as pd
@@ -112,9 +113,14 @@ def _term_Z(b: RandomBlock) -> sp.csr_matrix:
 
 
 # ---------------------------------------------------------------- helpers
+@lru_cache(maxsize=256)
+def _variables_cached(expr: str) -> frozenset:
+    return frozenset(Formula(expr).required_variables)
+
+
 def _variables(expr: str) -> set[str]:
     try:
-        return set(Formula(expr).required_variables)
+        return set(_variables_cached(expr))
     except Exception as exc:
         raise DataError(f"cannot parse {expr!r}: {exc}") from None
 

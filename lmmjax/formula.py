@@ -168,7 +168,6 @@ def parse_formula(formula: str) -> ParsedFormula:
         raise FormulaError(f"formula must contain exactly one '~': {formula!r}")
     response, rhs = (s.strip() for s in formula.split("~"))
     rhs = rhs.strip()
-    fixed_parts: list[str] = []
     random: list[RandomTerm] = []
     # walk the rhs: extract (…|…) groups and keyword(…|…) groups at depth 0
     i, buf = 0, []

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.stats as sst
 
+from ._compute import precision
 from .likelihood import Layout, factorize
 
 __all__ = ["satterthwaite_derivatives", "kr_derivatives", "satterthwaite_test", "kr_test",
@@ -271,7 +272,7 @@ class InferenceMixin:
     def _satterthwaite(self):
         c = self._inference_cache()
         if "satt" not in c:
-            with jax.enable_x64(True):
+            with precision("float64"):
                 vp = jax.device_put(np.r_[self.theta, self.sigma].astype(np.float64))
                 H, J = satterthwaite_derivatives(vp, _device64(self.stats), self.layout, self.reml)
                 H, J = np.asarray(H), np.asarray(J)
@@ -284,7 +285,7 @@ class InferenceMixin:
         c = self._inference_cache()
         if "kr" not in c:
             phi = natural_parameters(self.theta, self.sigma, self.layout)
-            with jax.enable_x64(True):
+            with precision("float64"):
                 dense = _device64(dense_crossproducts(self.stats, self.layout))
                 out = kr_derivatives(jax.device_put(phi), dense, self.layout)
             c["kr"] = kr_adjusted(*out)

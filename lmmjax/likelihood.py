@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 import numpy as np
 
-from ._linalg import chol_small, tril_inv_small
+from ._linalg import chol_inv, chol_small, tril_inv_small
 
 __all__ = ["Layout", "factorize", "objective", "solve"]
 
@@ -116,19 +116,20 @@ def factorize(theta, stats, layout: Layout):
     out = dict(Ts=Ts, L11=L11, c1x=c1x, c1y=c1y)
     if layout.q_rest:
         K = jnp.einsum("jac,jcr->jar", G, _right_apply_rest(stats["Z1Zr"], Ts, layout))
+        K2 = K.reshape(-1, layout.q_rest)  # (ℓ₁q₁, q_r): the products below are plain GEMMs
         ZrZr = _right_apply_rest(stats["ZrZr"], Ts, layout)
         ZrZr = _right_apply_rest(ZrZr.T, Ts, layout)
-        S22 = ZrZr + jnp.eye(layout.q_rest, dtype=T1.dtype) - jnp.einsum("jar,jas->rs", K, K)
-        L22 = jnp.linalg.cholesky(S22)
+        S22 = ZrZr + jnp.eye(layout.q_rest, dtype=T1.dtype) - K2.T @ K2
+        L22, L22i = chol_inv(S22)
         ZrX = _right_apply_rest(stats["ZrX"].T, Ts, layout).T
         Zry = _right_apply_rest(stats["Zry"], Ts, layout)
-        c2x = jsl.solve_triangular(L22, ZrX - jnp.einsum("jar,jap->rp", K, c1x), lower=True)
-        c2y = jsl.solve_triangular(L22, Zry - jnp.einsum("jar,ja->r", K, c1y), lower=True)
+        c2x = L22i @ (ZrX - K2.T @ c1x.reshape(K2.shape[0], -1))
+        c2y = L22i @ (Zry - K2.T @ c1y.reshape(-1))
         Mxx = Mxx - c2x.T @ c2x
         Mxy = Mxy - c2x.T @ c2y
         Myy = Myy - c2y @ c2y
         logdet_z = logdet_z + 2.0 * jnp.sum(jnp.log(jnp.diagonal(L22)))
-        out.update(K=K, L22=L22, c2x=c2x, c2y=c2y)
+        out.update(K=K, L22=L22, L22i=L22i, c2x=c2x, c2y=c2y)
     if Mxx.shape[0]:
         RX = jnp.linalg.cholesky(Mxx)
         z = jsl.solve_triangular(RX, Mxy, lower=True)
@@ -180,7 +181,7 @@ def solve(theta, stats, layout: Layout, reml: bool):
         u2 = jsl.solve_triangular(L22.T, w2, lower=False)
         w1 = w1 - jnp.einsum("jar,r->ja", f["K"], u2)
         # diagonal blocks of A⁻¹ = L⁻ᵀL⁻¹ (A = ΛᵀZᵀZΛ + I)
-        L22i = jsl.solve_triangular(L22, jnp.eye(layout.q_rest, dtype=L22.dtype), lower=True)
+        L22i = f["L22i"]
         M = jnp.einsum("rs,jas->jra", L22i, f["K"])  # L22⁻¹ L21 block j: (qr, q1)
         inner = jnp.eye(layout.q[0], dtype=L22.dtype) + jnp.einsum("jra,jrb->jab", M, M)
         Ainv1 = jnp.einsum("jba,jbc,jcd->jad", L11i, inner, L11i)

@@ -13,33 +13,18 @@ the caller — is left untouched.  ``dtype="float32"`` is an explicit speed opti
 from __future__ import annotations
 
 import warnings
-from contextlib import contextmanager
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
+from ._compute import precision, to_device
 from .design import build_design, design_stats, response_stats
 from .likelihood import solve
 from .optimize import ConvergenceWarning, SingularFitWarning, evaluate_theta, minimize_theta
 from .results import LmerResult
 
 __all__ = ["lmer", "precision"]
-
-
-@contextmanager
-def precision(dtype="float64"):
-    """Run JAX computations in ``dtype`` without touching the global x64 flag."""
-    if dtype not in ("float64", "float32", np.float64, np.float32):
-        raise ValueError(f"dtype must be 'float64' or 'float32', got {dtype!r}")
-    with jax.enable_x64(np.dtype(dtype) == np.float64):
-        yield np.dtype(dtype)
-
-
-def to_device(stats: dict, dtype) -> dict:
-    """Host arrays -> device arrays in ``dtype`` (a transfer; no compiled conversion kernels)."""
-    return {k: jax.device_put(np.asarray(v, dtype=dtype)) for k, v in stats.items()}
 
 
 def lmer(formula: str, data: pd.DataFrame, reml: bool = True, *, dtype: str = "float64",

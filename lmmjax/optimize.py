@@ -1,23 +1,27 @@
-"""Minimize the profiled criterion over θ: L-BFGS, boundary checks, Newton polish.
+"""Minimize the profiled criterion over θ: one compiled program per design.
 
-1. **L-BFGS** (optax's ``scale_by_lbfgs`` direction, backtracking Armijo line
-   search on the host) on the jit-compiled value and autodiff gradient, from lme4's start (θ = 1 on template diagonals, 0 elsewhere).
-   θ is unconstrained; the criterion only sees ``T Tᵀ``, so afterwards each
-   template column is flipped to a non-negative diagonal (the canonical form).
-2. **Boundary.** At a zero diagonal entry the gradient vanishes by symmetry, so
-   L-BFGS can stop there (or next to it) although moving inward lowers the
-   criterion — the "θ = 0 trap" (design notes, sec. 7).  For every diagonal
-   entry below ``1e-3`` we (a) try inward steps and restart L-BFGS if one is
-   better, and (b) set it to exactly 0 when that does not raise the
-   criterion, so singular fits (Dyestuff2) report exact zeros like lme4.
-3. **Newton polish** on the free parameters with a Hessian from central
-   differences of the exact gradient, which also tells whether the Hessian is
-   positive definite (lme4 checks convergence the same way).  Only one program
-   is compiled per design (value and gradient), which keeps cold starts short.
+:func:`fit_program` is a single jit-compiled XLA program (no host round trips):
+
+1. **L-BFGS** — optax's ``scale_by_lbfgs`` two-loop direction with a backtracking
+   Armijo line search, inside ``lax.while_loop``, on the autodiff gradient, from
+   lme4's start (θ = 1 on template diagonals, 0 elsewhere).  θ is unconstrained; the
+   criterion only sees ``T Tᵀ``, so each template column is afterwards flipped to a
+   non-negative diagonal (the canonical form).
+2. **Hessian** by central differences of the exact gradient (2k points, ``lax.map``) — for the convergence report (lme4 checks convergence the same way) and
+   the Newton polish.  It avoids compiling a second-order program.
+3. **Boundary probes** — the criterion at inward steps and at exactly 0 for every
+   diagonal entry.  At a zero diagonal the gradient vanishes by symmetry, so L-BFGS
+   can stop there although moving inward lowers the criterion (the "θ = 0 trap",
+   design notes sec. 7).  The host restarts from a better probe if there is one, and
+   sets tiny diagonals to exactly 0 when that does not raise the criterion, so
+   singular fits (Dyestuff2) report exact zeros like lme4.
+
+The host then runs a few Newton steps on the free parameters (each one call of the
+same program with ``maxiter = 0``) and writes the convergence report.  The program
+is vmappable over the statistics, which is what the batch path builds on.
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from functools import partial
 
@@ -28,7 +32,8 @@ import optax
 
 from .likelihood import Layout, objective
 
-__all__ = ["OptimizeResult", "minimize_theta", "ConvergenceWarning", "SingularFitWarning"]
+__all__ = ["OptimizeResult", "minimize_theta", "evaluate_theta", "fit_program",
+           "ConvergenceWarning", "SingularFitWarning", "is_singular"]
 
 
 class ConvergenceWarning(UserWarning):
@@ -39,7 +44,9 @@ class SingularFitWarning(UserWarning):
     """The fit is singular: a variance is zero or a correlation is ±1 (lme4's isSingular)."""
 
 
-SINGULAR_TOL = 1e-4  # lme4::isSingular default
+SINGULAR_TOL = 1e-4   # lme4::isSingular default
+PROBE_STEPS = (1e-3, 1e-2, 1e-1, 1.0)
+BOUNDARY_CHECK = 1e-3  # diagonal entries below this are probed
 
 
 @dataclass
@@ -49,7 +56,7 @@ class OptimizeResult:
     iterations: int
     evaluations: int
     grad_norm: float          # max |gradient| over the free parameters
-    hessian: np.ndarray       # exact Hessian of the criterion in θ
+    hessian: np.ndarray       # Hessian of the criterion in θ (central differences of the gradient)
     hessian_pd: bool          # positive definite on the free parameters
     at_boundary: np.ndarray   # indices of θ fixed at 0
     converged: bool
@@ -59,79 +66,95 @@ class OptimizeResult:
 _DIRECTION = optax.scale_by_lbfgs(memory_size=10)
 
 
-@jax.jit
-def _lbfgs_init(theta):
-    return _DIRECTION.init(theta)
+def _lbfgs_loop(vg, theta0, maxiter, gtol):
+    """L-BFGS with backtracking Armijo search; returns (θ, f, g, iterations, evaluations)."""
+    v0, g0 = vg(theta0)
+    init = (theta0, v0, g0, _DIRECTION.init(theta0), 0, 1, 0, jnp.max(jnp.abs(g0)) < gtol)
 
+    def cond(c):
+        return (~c[7]) & (c[4] < maxiter)
 
-@jax.jit
-def _lbfgs_direction(grad, state, theta):
-    """optax's two-loop recursion: the preconditioned gradient H⁻¹g (descend along −d)."""
-    return _DIRECTION.update(grad, state, theta)
+    def body(c):
+        theta, v, g, state, it, nfev, stall, _ = c
+        d, new_state = _DIRECTION.update(g, state, theta)
+        slope = -jnp.vdot(d, g)
+        bad = ~(slope < 0)
+        d = jnp.where(bad, g / jnp.maximum(1.0, jnp.linalg.norm(g)), d)
+        slope = -jnp.vdot(d, g)
+        new_state = jax.tree.map(lambda a, b: jnp.where(bad, a, b), _DIRECTION.init(theta), new_state)
 
+        def ls_cond(ls):
+            return (~ls[4]) & (ls[3] < 40)
 
-@partial(jax.jit, static_argnames=("layout", "reml"))
-def value_and_grad(theta, stats, layout: Layout, reml: bool):
-    return jax.value_and_grad(objective)(theta, stats, layout, reml)
-
-
-@partial(jax.jit, static_argnames=("layout", "reml"))
-def hessian(theta, stats, layout: Layout, reml: bool):
-    """Exact autodiff Hessian of the criterion in θ (compiled on first use)."""
-    return jax.hessian(objective)(theta, stats, layout, reml)
-
-
-def fd_hessian(grad_fn, theta: np.ndarray) -> np.ndarray:
-    """Central differences of the exact gradient (used for the convergence check,
-    like lme4's derivative check; it avoids compiling a second-order program)."""
-    k = theta.size
-    H = np.empty((k, k))
-    for j in range(k):
-        h = 1e-5 * max(1.0, abs(theta[j]))
-        e = np.zeros(k)
-        e[j] = h
-        H[:, j] = (grad_fn(theta + e) - grad_fn(theta - e)) / (2 * h)
-    return 0.5 * (H + H.T)
-
-
-def _lbfgs(f, theta, maxiter, gtol):
-    """L-BFGS (optax's direction) with a backtracking Armijo line search on the host.
-
-    ``f(theta) -> (value, grad)`` is the jit-compiled criterion. Returns (theta, iterations).
-    """
-    theta = np.asarray(theta, float)
-    v, g = f(theta)
-    dt = np.float64 if jax.config.jax_enable_x64 else np.float32
-    state = _lbfgs_init(jax.device_put(theta.astype(dt)))
-    stall = 0
-    it = 0
-    for it in range(1, maxiter + 1):
-        if np.max(np.abs(g)) < gtol:
-            break
-        d, new_state = _lbfgs_direction(jax.device_put(g.astype(dt)), state, jax.device_put(theta.astype(dt)))
-        d = np.asarray(d)
-        slope = -float(d @ g)
-        if not np.isfinite(slope) or slope >= 0:  # lost curvature information: restart
-            new_state = _lbfgs_init(jax.device_put(theta.astype(dt)))
-            d = g / max(1.0, np.linalg.norm(g))
-            slope = -float(d @ g)
-        alpha, accepted = 1.0, False
-        for _ in range(40):
+        def ls_body(ls):
+            alpha, _, _, k, _ = ls
             t = theta - alpha * d
-            vt, gt = f(t)
-            if np.isfinite(vt) and vt <= v + 1e-4 * alpha * slope:
-                accepted = True
-                break
-            alpha *= 0.5 if np.isfinite(vt) else 0.1
-        if not accepted:
-            break
-        state = new_state
-        decrease = v - vt
-        theta, v, g = t, vt, gt
-        stall = stall + 1 if decrease <= 1e-14 * max(1.0, abs(v)) else 0
-        if stall >= 3:
-            break
-    return theta, it
+            vt, gt = vg(t)
+            ok = jnp.isfinite(vt) & (vt <= v + 1e-4 * alpha * slope)
+            nxt = jnp.where(ok, alpha, alpha * jnp.where(jnp.isfinite(vt), 0.5, 0.1))
+            return nxt, vt, gt, k + 1, ok
+
+        alpha, vt, gt, k, ok = jax.lax.while_loop(
+            ls_cond, ls_body, (jnp.ones((), theta.dtype), v, g, 0, jnp.zeros((), bool)))
+        t = jnp.where(ok, theta - alpha * d, theta)
+        vn = jnp.where(ok, vt, v)
+        gn = jnp.where(ok, gt, g)
+        state = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new_state, state)
+        small = (v - vn) <= 1e-14 * jnp.maximum(1.0, jnp.abs(vn))
+        stall = jnp.where(small, stall + 1, 0)
+        done = (~ok) | (stall >= 3) | (jnp.max(jnp.abs(gn)) < gtol)
+        return t, vn, gn, state, it + 1, nfev + k, stall, done
+
+    theta, v, g, _, it, nfev, _, _ = jax.lax.while_loop(cond, body, init)
+    return theta, v, g, it, nfev
+
+
+def _probe_points(theta, layout: Layout):
+    """Points where the boundary is probed: for each template diagonal d, θ_d + step
+    (inward steps) and θ_d = 0.  Shape (n_boundary · (len(steps)+1), k)."""
+    b = layout.boundary()
+    pts = []
+    for d in b:
+        for s in PROBE_STEPS:
+            pts.append(theta.at[d].add(s))
+        pts.append(theta.at[d].set(0.0))
+    return jnp.stack(pts) if pts else jnp.zeros((0, theta.shape[0]), theta.dtype)
+
+
+# Single-threaded Eigen inside this program: XLA-CPU's intra-op thread pool deadlocked
+# (2 cores, large ops inside lax.while_loop) and its thread wake-ups cost ~8 ms per
+# call on small problems; the program is a sequence of small dependent steps anyway.
+COMPILER_OPTIONS = {"xla_cpu_multi_thread_eigen": False}
+
+
+@partial(jax.jit, static_argnames=("layout", "reml"), compiler_options=COMPILER_OPTIONS)
+def fit_program(theta0, stats, maxiter, gtol, layout: Layout, reml: bool):
+    """One compiled fit: L-BFGS from ``theta0`` (``maxiter = 0`` just evaluates), then the
+    central-difference Hessian and the boundary probes at the end point."""
+    def vg(th):
+        return jax.value_and_grad(objective)(th, stats, layout, reml)
+
+    theta, v, g, it, nfev = _lbfgs_loop(vg, theta0, maxiter, gtol)
+    k = theta.shape[0]
+    h = 1e-5 * jnp.maximum(1.0, jnp.abs(theta))
+    E = jnp.eye(k, dtype=theta.dtype) * h[None, :]
+    # lax.map, not vmap: batched LAPACK custom calls inside this program hung
+    # XLA-CPU sporadically (jaxlib 0.10.2); the points are few and the calls cheap.
+    grads = jax.lax.map(lambda t: vg(t)[1], jnp.concatenate([theta + E, theta - E]))
+    H = (grads[:k] - grads[k:]).T / (2 * h[None, :])
+    H = 0.5 * (H + H.T)
+    probes = jax.lax.map(lambda t: objective(t, stats, layout, reml), _probe_points(theta, layout))
+    return dict(theta=theta, f=v, g=g, H=H, probes=probes, iterations=it, evaluations=nfev)
+
+
+def _run(theta0, stats, layout, reml, maxiter, gtol):
+    dtype = stats["XX"].dtype
+    out = fit_program(jax.device_put(np.asarray(theta0, dtype)), stats, maxiter, gtol,
+                      layout=layout, reml=reml)
+    out = jax.device_get(out)
+    res = {k: np.asarray(out[k], float) for k in ("theta", "g", "H", "probes")}
+    res.update(f=float(out["f"]), iterations=int(out["iterations"]), evaluations=int(out["evaluations"]))
+    return res
 
 
 def minimize_theta(stats, layout: Layout, reml: bool, theta0=None, maxiter: int = 1000,
@@ -140,85 +163,78 @@ def minimize_theta(stats, layout: Layout, reml: bool, theta0=None, maxiter: int 
     theta = layout.init_theta() if theta0 is None else np.asarray(theta0, float)
     if theta.shape != (layout.n_theta,):
         raise ValueError(f"start must have {layout.n_theta} entries (lme4's θ order), got shape {theta.shape}")
-    dtype = stats["XX"].dtype
     bidx = layout.boundary()
-    nfev = 0
+    nprobe = len(PROBE_STEPS) + 1
+    iters = evals = 0
 
-    def f(th):
-        nonlocal nfev
-        nfev += 1
-        v, g = value_and_grad(jax.device_put(np.asarray(th, dtype)), stats, layout, reml)
-        return float(v), np.asarray(g, float)
+    def run(th, mi):
+        nonlocal iters, evals
+        r = _run(th, stats, layout, reml, mi, gtol)
+        iters += r["iterations"]
+        evals += r["evaluations"] + 4 * th.size + r["probes"].size
+        return r
 
-    theta, iters = _lbfgs(f, theta, maxiter, gtol)
-    theta = layout.canonical(theta)
-    fval, _ = f(theta)
-    # -- boundary: escape the θ = 0 trap, then snap tiny diagonals to exactly 0
+    r = run(theta, maxiter)
+    # -- boundary: escape the θ = 0 trap (restart from a better inward probe)
     for _ in range(5):
-        best = (fval, None)
-        for d in bidx:
-            if theta[d] < 1e-3:
-                for step in (1e-3, 1e-2, 1e-1, 1.0):
-                    t = theta.copy()
-                    t[d] = theta[d] + step
-                    v, _ = f(t)
-                    if v < best[0] - 1e-8 * max(1.0, abs(fval)):
-                        best = (v, t)
-        if best[1] is None:
+        theta = r["theta"]
+        probes = r["probes"].reshape(len(bidx), nprobe) if len(bidx) else np.zeros((0, nprobe))
+        best, start = r["f"], None
+        for i, d in enumerate(bidx):
+            if abs(theta[d]) < BOUNDARY_CHECK:
+                j = int(np.argmin(probes[i, :-1]))
+                if probes[i, j] < best - 1e-8 * max(1.0, abs(r["f"])):
+                    best, start = probes[i, j], theta.copy()
+                    start[d] = theta[d] + PROBE_STEPS[j]
+        if start is None:
             break
-        theta, more = _lbfgs(f, best[1], maxiter, gtol)
-        iters += more
-        theta = layout.canonical(theta)
-        fval, _ = f(theta)
+        r = run(start, maxiter)
+    # -- canonical signs, then exact zeros where they do not raise the criterion
+    theta = layout.canonical(r["theta"])
     zero = np.zeros(theta.size, bool)
-    for d in bidx:
-        if theta[d] < 1e-3:
-            t = theta.copy()
-            t[d] = 0.0
-            v, _ = f(t)
-            if v <= fval + 1e-12 * max(1.0, abs(fval)):
-                theta, fval, zero[d] = t, v, True
+    fval = r["f"]
+    snapped = theta.copy()
+    probes = r["probes"].reshape(len(bidx), nprobe) if len(bidx) else np.zeros((0, nprobe))
+    for i, d in enumerate(bidx):
+        if theta[d] < BOUNDARY_CHECK and probes[i, -1] <= fval + 1e-12 * max(1.0, abs(fval)):
+            snapped[d] = 0.0
+            zero[d] = True
+    if zero.any() or not np.array_equal(theta, r["theta"]):
+        r = run(snapped, 0)
+    theta = snapped
     # -- Newton polish on the free parameters
     free = ~zero
-
-    def grad(th):
-        return f(th)[1]
-
-    H = fd_hessian(grad, theta)
-    fval, g = f(theta)
-    for _ in range(20):
+    for _ in range(10):
+        g, H = r["g"], r["H"]
         gf = g[free]
         if gf.size == 0 or np.max(np.abs(gf)) < 1e-9:
             break
         Hf = H[np.ix_(free, free)]
         try:
             np.linalg.cholesky(Hf)
-            step = np.linalg.solve(Hf, gf)
         except np.linalg.LinAlgError:
             break
-        accepted = False
-        for scale in (1.0, 0.5, 0.25, 0.1):
-            t = theta.copy()
-            t[free] -= scale * step
-            v, gn = f(t)
-            if v <= fval + 1e-12 * max(1.0, abs(fval)) and np.max(np.abs(gn[free])) < np.max(np.abs(gf)):
-                theta, fval, g, accepted = t, v, gn, True
-                break
-        if not accepted:
+        t = theta.copy()
+        t[free] -= np.linalg.solve(Hf, gf)
+        rn = run(t, 0)
+        if rn["f"] <= r["f"] + 1e-12 * max(1.0, abs(r["f"])) and np.max(np.abs(rn["g"][free])) < np.max(np.abs(gf)):
+            theta, r = t, rn
+        else:
             break
-        H = fd_hessian(grad, theta)
     theta = layout.canonical(theta)
+    g, H = r["g"], r["H"]
     gmax = float(np.max(np.abs(g[free]))) if free.any() else 0.0
     Hf = H[np.ix_(free, free)]
     hpd = bool(Hf.size == 0 or np.all(np.linalg.eigvalsh(Hf) > 1e-10 * max(1.0, np.abs(Hf).max())))
-    gok = gmax < max(gtol, 1e-4) * 10
+    tol = max(gtol, 1e-4) * 10
+    gok = gmax < tol
     msgs = []
     if not gok:
-        msgs.append(f"max|grad| = {gmax:.3g} on the free parameters (tolerance {max(gtol, 1e-4) * 10:g})")
+        msgs.append(f"max|grad| = {gmax:.3g} on the free parameters (tolerance {tol:g})")
     if not hpd:
         msgs.append("Hessian of the criterion is not positive definite on the free parameters")
     return OptimizeResult(
-        theta=theta, criterion=fval, iterations=iters, evaluations=nfev, grad_norm=gmax,
+        theta=theta, criterion=r["f"], iterations=iters, evaluations=evals, grad_norm=gmax,
         hessian=H, hessian_pd=hpd, at_boundary=np.flatnonzero(zero), converged=gok and hpd,
         message="; ".join(msgs) or "converged",
     )
@@ -230,17 +246,11 @@ def evaluate_theta(stats, layout: Layout, reml: bool, theta) -> OptimizeResult:
     if theta.shape != (layout.n_theta,):
         raise ValueError(f"theta must have {layout.n_theta} entries (lme4's order), got shape {theta.shape}")
     theta = layout.canonical(theta)
-    dtype = stats["XX"].dtype
-
-    def vg(t):
-        return value_and_grad(jax.device_put(np.asarray(t, dtype)), stats, layout, reml)
-
-    v, g = vg(theta)
-    H = fd_hessian(lambda t: np.asarray(vg(t)[1], float), theta)
+    r = _run(theta, stats, layout, reml, 0, 0.0)
     return OptimizeResult(
-        theta=theta, criterion=float(v), iterations=0, evaluations=1,
-        grad_norm=float(np.max(np.abs(np.asarray(g)))) if theta.size else 0.0, hessian=H,
-        hessian_pd=bool(np.all(np.linalg.eigvalsh(H) > 0)), at_boundary=np.array([], int),
+        theta=theta, criterion=r["f"], iterations=0, evaluations=1,
+        grad_norm=float(np.max(np.abs(r["g"]))) if theta.size else 0.0, hessian=r["H"],
+        hessian_pd=bool(np.all(np.linalg.eigvalsh(r["H"]) > 0)), at_boundary=np.array([], int),
         converged=True, message="theta fixed by the caller",
     )
 
