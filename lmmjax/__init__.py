@@ -9,6 +9,8 @@ from ._cache import enable_persistent_cache
 enable_persistent_cache()
 
 from . import datasets  # noqa: E402
+from . import confint  # noqa: E402
+from .compare import compare  # noqa: E402
 from .design import DataError  # noqa: E402
 from .formula import FormulaError
 from .model import lmer, precision
@@ -17,6 +19,6 @@ from .results import LmerResult
 
 __version__ = "0.1.0"
 __all__ = [
-    "lmer", "precision", "datasets", "LmerResult", "DataError", "FormulaError",
+    "lmer", "compare", "precision", "datasets", "LmerResult", "DataError", "FormulaError",
     "ConvergenceWarning", "SingularFitWarning",
 ]

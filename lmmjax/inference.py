@@ -49,6 +49,7 @@ EIG_TOL = 1e-8  # lmerTest's tolerance for the eigenvalues of H
 
 # ------------------------------------------------------------ Satterthwaite
 def _unprofiled_criterion(vp, stats, layout: Layout, reml: bool):
+    """d(θ, σ) and, as auxiliary output, M(θ) = XᵀV⁻¹X·σ² (both from one factorization)."""
     theta, sigma = vp[:-1], vp[-1]
     f = factorize(theta, stats, layout)
     n = stats["n"]
@@ -57,20 +58,25 @@ def _unprofiled_criterion(vp, stats, layout: Layout, reml: bool):
     if reml:
         p = stats["XX"].shape[-1]
         dev = dev + f["logdet_x"] - p * jnp.log(2 * math.pi * s2)
-    return dev
-
-
-def _cov_beta(vp, stats, layout: Layout):
-    f = factorize(vp[:-1], stats, layout)
-    p = f["Mxx"].shape[0]
-    return vp[-1] ** 2 * jnp.linalg.solve(f["Mxx"], jnp.eye(p, dtype=f["Mxx"].dtype))
+    return dev, f["Mxx"]
 
 
 @partial(jax.jit, static_argnames=("layout", "reml"))
+def _satterthwaite_program(vp, stats, layout: Layout, reml: bool):
+    grad_and_m = jax.grad(_unprofiled_criterion, has_aux=True)
+    H, dM = jax.jacfwd(grad_and_m)(vp, stats, layout, reml)
+    return H, dM, grad_and_m(vp, stats, layout, reml)[1]
+
+
 def satterthwaite_derivatives(vp, stats, layout: Layout, reml: bool):
-    """(H, J): Hessian of the (θ, σ) criterion and Jacobian of Var(β̂), shape (p, p, k+1)."""
-    H = jax.hessian(_unprofiled_criterion)(vp, stats, layout, reml)
-    J = jax.jacfwd(_cov_beta)(vp, stats, layout)
+    """(H, J): the exact Hessian of d(θ, σ) and the Jacobian of C = Var(β̂) = σ²M⁻¹,
+    shape (p, p, k+1), with ∂C/∂θ_i = −σ²M⁻¹(∂M/∂θ_i)M⁻¹ and ∂C/∂σ = 2σM⁻¹.  One
+    compiled forward-over-reverse pass gives H and ∂M together."""
+    H, dM, M = (np.asarray(a, float) for a in _satterthwaite_program(vp, stats, layout, reml))
+    sigma = float(vp[-1])
+    Minv = np.linalg.inv(M)
+    J = -sigma**2 * np.einsum("ab,bci,cd->adi", Minv, dM, Minv)
+    J[..., -1] = 2 * sigma * Minv
     return H, J
 
 
@@ -275,7 +281,6 @@ class InferenceMixin:
             with precision("float64"):
                 vp = jax.device_put(np.r_[self.theta, self.sigma].astype(np.float64))
                 H, J = satterthwaite_derivatives(vp, _device64(self.stats), self.layout, self.reml)
-                H, J = np.asarray(H), np.asarray(J)
             c["satt"] = (self.vcov.to_numpy(), J, vcov_varpar(H), H)
         return c["satt"]
 

@@ -54,6 +54,7 @@ def lmer(formula: str, data: pd.DataFrame, reml: bool = True, *, dtype: str = "f
         sol = solve(jax.device_put(np.asarray(opt.theta, dt)), dev_stats, design.layout, reml)
         sol = jax.tree.map(np.asarray, sol)
     m = LmerResult(design, stats, opt, sol, reml, data_name=getattr(data, "_lmmjax_name", None))
+    m.data = data  # a reference (not a copy), for refits such as compare()'s ML refits
     if warn:
         if not m.converged:
             warnings.warn(f"Model failed to converge: {opt.message}", ConvergenceWarning, stacklevel=2)

@@ -121,13 +121,7 @@ def _probe_points(theta, layout: Layout):
     return jnp.stack(pts) if pts else jnp.zeros((0, theta.shape[0]), theta.dtype)
 
 
-# Single-threaded Eigen inside this program: XLA-CPU's intra-op thread pool deadlocked
-# (2 cores, large ops inside lax.while_loop) and its thread wake-ups cost ~8 ms per
-# call on small problems; the program is a sequence of small dependent steps anyway.
-COMPILER_OPTIONS = {"xla_cpu_multi_thread_eigen": False}
-
-
-@partial(jax.jit, static_argnames=("layout", "reml"), compiler_options=COMPILER_OPTIONS)
+@partial(jax.jit, static_argnames=("layout", "reml"))
 def fit_program(theta0, stats, maxiter, gtol, layout: Layout, reml: bool):
     """One compiled fit: L-BFGS from ``theta0`` (``maxiter = 0`` just evaluates), then the
     central-difference Hessian and the boundary probes at the end point."""

@@ -222,11 +222,28 @@ class LmerResult(InferenceMixin):
             return groups
         raise DataError(f"re_form must be None, False/NaN, or a formula string; got {re_form!r}")
 
+    # ------------------------------------------------------------ intervals, simulation
+    def confint(self, method: str = "profile", level: float = 0.95, nsim: int = 500, seed=None):
+        """Confidence intervals like lme4's ``confint``; see :func:`lmmjax.confint.confint`."""
+        from .confint import confint
+
+        return confint(self, method=method, level=level, nsim=nsim, seed=seed)
+
+    def simulate(self, nsim: int = 1, seed=None) -> np.ndarray:
+        """Responses simulated from the fitted model, shape (n, nsim)."""
+        from .confint import simulate
+
+        return simulate(self, nsim, seed)
+
     # ------------------------------------------------------------ printing
-    def summary(self, print_: bool = True) -> str:
+    def summary(self, ddf: str | None = "satterthwaite", print_: bool = True) -> str:
+        """lme4/lmerTest-style summary; ``ddf`` picks the df method for the fixed-effects
+        table ("satterthwaite" default, "kenward-roger", "residual", "asymptotic",
+        or None for lme4's table without p-values)."""
+        from .inference import normalize_ddf
         from .summary import format_summary
 
-        text = format_summary(self)
+        text = format_summary(self, None if ddf is None else normalize_ddf(ddf))
         if print_:
             print(text)
         return text

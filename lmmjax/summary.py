@@ -61,14 +61,28 @@ def _random_table(m) -> list[str]:
     return out
 
 
-def _fixed_table(m) -> list[str]:
-    se = np.sqrt(np.diag(m.vcov.to_numpy()))
-    tab = pd.DataFrame({"Estimate": m.fixef.to_numpy(), "Std. Error": se, "t value": m.fixef.to_numpy() / se},
-                       index=m.fixef.index)
-    extra = getattr(m, "_summary_coef_table", None)
-    if extra is not None:
-        tab = extra()
-    return tab.to_string(float_format=lambda v: f"{v:.4g}").splitlines()
+def _pval(p: float) -> str:
+    return "< 2e-16" if p < 2e-16 else f"{p:.3g}"
+
+
+def _fixed_table(m, ddf: str | None) -> list[str]:
+    """Estimates with df and p-values for ``ddf`` (lmerTest's default: Satterthwaite)."""
+    if ddf is None:
+        se = np.sqrt(np.diag(m.vcov.to_numpy()))
+        tab = pd.DataFrame({"Estimate": m.fixef.to_numpy(), "Std. Error": se,
+                            "t value": m.fixef.to_numpy() / se}, index=m.fixef.index)
+        return tab.to_string(float_format=lambda v: f"{v:.4g}").splitlines()
+    ct = m.coef_table(ddf)
+    tab = pd.DataFrame({
+        "Estimate": [f"{v:.4g}" for v in ct["estimate"]],
+        "Std. Error": [f"{v:.4g}" for v in ct["se"]],
+        "df": [f"{v:.4g}" for v in ct["df"]],
+        "t value": [f"{v:.3f}" for v in ct["t"]],
+        "Pr(>|t|)": [_pval(v) for v in ct["p"]],
+    }, index=ct.index)
+    label = {"satterthwaite": "Satterthwaite's method", "kenward-roger": "Kenward-Roger's method",
+             "residual": "residual df", "asymptotic": "normal approximation (z)"}.get(ddf, ddf)
+    return tab.to_string().splitlines() + [f"(df and p-values: {label})"]
 
 
 def _fixed_corr(m) -> list[str]:
@@ -86,7 +100,7 @@ def _fixed_corr(m) -> list[str]:
     return ["", "Correlation of Fixed Effects:"] + tab.to_string().splitlines()
 
 
-def format_summary(m) -> str:
+def format_summary(m, ddf: str | None = "satterthwaite") -> str:
     res = m.residuals / m.sigma
     q = np.quantile(res, [0, 0.25, 0.5, 0.75, 1.0])
     scaled = pd.DataFrame([q], columns=["Min", "1Q", "Median", "3Q", "Max"]).to_string(
@@ -96,7 +110,7 @@ def format_summary(m) -> str:
     dropped = m.design.n_data - m.nobs
     if dropped:
         lines.append(f"({dropped} observation{'s' if dropped > 1 else ''} deleted due to missingness)")
-    lines += ["", "Fixed effects:"] + _fixed_table(m) + _fixed_corr(m)
+    lines += ["", "Fixed effects:"] + _fixed_table(m, ddf) + _fixed_corr(m)
     if m.design.dropped_columns:
         lines += ["", f"fit warnings: fixed-effect model matrix is rank deficient so dropping "
                       f"{len(m.design.dropped_columns)} columns: {m.design.dropped_columns}"]

@@ -77,3 +77,43 @@ def test_satterthwaite_at_r_theta_is_exact(lme4_case_at_r_theta):
         k = case["fixed"]["kenward_roger"]
         _close(m.coef_table("kenward-roger")["se"], k["se"], 1e-7)
         _close(m.coef_table("kenward-roger")["df"], k["df_pbkrtest_Lb_ddf"], 1e-7)
+
+
+def test_compare_lrt_matches_lme4():
+    """lme4's anova(m_small, m_big): ML refits, chisq within 1e-4 relative."""
+    import lmmjax
+    from conftest import FIXTURES, case_data, load_case
+
+    path = FIXTURES / "reference" / "cases" / "sleepstudy_compare_intercept_vs_slope.json"
+    case = load_case(str(path))
+    df = case_data(path, case)
+    small = lmmjax.lmer(case["models"]["m_small"], df)
+    big = lmmjax.lmer(case["models"]["m_big"], df)
+    tab = lmmjax.compare(big, small, names=["m_big", "m_small"])
+    assert list(tab.index) == ["m_small", "m_big"]
+    assert "refitting model(s) with ML (instead of REML)" in tab.attrs["notes"]
+    assert any("boundary" in n for n in tab.attrs["notes"])
+    for r in case["anova"]:
+        row = tab.loc[r["model"]]
+        assert row["npar"] == r["npar"]
+        for k in ("AIC", "BIC", "logLik", "deviance"):
+            np.testing.assert_allclose(row[k], r[k], rtol=1e-6)
+        if r["Chisq"] is not None:
+            np.testing.assert_allclose(row["chisq"], r["Chisq"], rtol=1e-4)
+            assert row["df"] == r["Df"]
+            np.testing.assert_allclose(row["p"], r["p"], rtol=1e-3)
+
+
+def test_compare_refuses_different_data():
+    import lmmjax
+
+    ss = lmmjax.datasets.sleepstudy()
+    m1 = lmmjax.lmer("Reaction ~ Days + (1 | Subject)", ss)
+    m2 = lmmjax.lmer("Reaction ~ Days + (1 | Subject)", ss.iloc[:-10])
+    with pytest.raises(lmmjax.DataError, match="different data"):
+        lmmjax.compare(m1, m2)
+    m3 = lmmjax.lmer("Reaction ~ 1 + (1 | Subject)", ss)
+    with pytest.raises(ValueError, match="not comparable"):
+        lmmjax.compare(m1, m3, refit=False)
+    same = lmmjax.compare(m1, lmmjax.lmer("Reaction ~ Days + (Days | Subject)", ss), refit=False)
+    assert same.attrs["notes"][0].startswith("comparing REML fits")
