@@ -117,3 +117,24 @@ def test_compare_refuses_different_data():
         lmmjax.compare(m1, m3, refit=False)
     same = lmmjax.compare(m1, lmmjax.lmer("Reaction ~ Days + (Days | Subject)", ss), refit=False)
     assert same.attrs["notes"][0].startswith("comparing REML fits")
+
+
+@pytest.mark.parametrize("case_name", ["sim_factor_interactions_reml", "orthodont_lmer_age_sex_reml", "cake_reml"])
+@pytest.mark.parametrize("ddf", ["Satterthwaite", "Kenward-Roger"])
+def test_type1_anova(case_name, ddf):
+    """lmerTest's anova(fit, type = 1) (tests/r/make_anova_type1.R, tightly converged
+    fits): F, den df and p within 1e-3 relative."""
+    import json
+
+    from conftest import FIXTURES, fitted_case
+
+    ref = json.loads((FIXTURES / "extra" / "anova_type1.json").read_text())[case_name]
+    sub = "reference" if (FIXTURES / "reference" / "cases" / f"{case_name}.json").exists() else "extra"
+    _, _, m = fitted_case(str(FIXTURES / sub / "cases" / f"{case_name}.json"))
+    a = m.anova(type=1, ddf=ddf.lower())
+    r = pd.DataFrame(ref["anova_type1"][ddf]).set_index("term")
+    assert list(a.index) == list(r.index)
+    assert list(a["num_df"]) == list(r["NumDF"])
+    _close(a["F"], r["F"], 1e-3)
+    _close(a["den_df"], r["DenDF"], 1e-3)
+    _close(a["p"], r["p"], 1e-3)
