@@ -19,6 +19,6 @@ from .results import LmerResult
 
 __version__ = "0.1.0"
 __all__ = [
-    "lmer", "compare", "precision", "datasets", "LmerResult", "DataError", "FormulaError",
+    "lmer", "compare", "confint", "precision", "datasets", "LmerResult", "DataError", "FormulaError",
     "ConvergenceWarning", "SingularFitWarning",
 ]

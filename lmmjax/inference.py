@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.stats as sst
 
-from ._compute import precision
+from ._compute import precision, to_device
 from .likelihood import Layout, factorize
 
 __all__ = ["satterthwaite_derivatives", "kr_derivatives", "satterthwaite_test", "kr_test",
@@ -263,10 +263,6 @@ def normalize_ddf(ddf: str) -> str:
         ) from None
 
 
-def _device64(tree):
-    return jax.tree.map(lambda a: jax.device_put(np.asarray(a, np.float64)), tree)
-
-
 class InferenceMixin:
     """t tables, F tests and anova for :class:`~lmmjax.results.LmerResult`."""
 
@@ -280,7 +276,7 @@ class InferenceMixin:
         if "satt" not in c:
             with precision("float64"):
                 vp = jax.device_put(np.r_[self.theta, self.sigma].astype(np.float64))
-                H, J = satterthwaite_derivatives(vp, _device64(self.stats), self.layout, self.reml)
+                H, J = satterthwaite_derivatives(vp, to_device(self.stats, np.float64), self.layout, self.reml)
             c["satt"] = (self.vcov.to_numpy(), J, vcov_varpar(H), H)
         return c["satt"]
 
@@ -291,7 +287,7 @@ class InferenceMixin:
         if "kr" not in c:
             phi = natural_parameters(self.theta, self.sigma, self.layout)
             with precision("float64"):
-                dense = _device64(dense_crossproducts(self.stats, self.layout))
+                dense = to_device(dense_crossproducts(self.stats, self.layout), np.float64)
                 out = kr_derivatives(jax.device_put(phi), dense, self.layout)
             c["kr"] = kr_adjusted(*out)
         return c["kr"]

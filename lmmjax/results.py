@@ -144,7 +144,7 @@ class LmerResult(InferenceMixin):
         return out
 
     # ------------------------------------------------------------ fitted values
-    def _re_contribution(self, design_blocks_data=None) -> np.ndarray:
+    def _re_contribution(self) -> np.ndarray:
         z = np.zeros(self.nobs)
         for blk, b in zip(self.design.blocks, self._b):
             z += np.einsum("nq,nq->n", blk.Zq, b[blk.index])
