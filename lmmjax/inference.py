@@ -289,7 +289,9 @@ class InferenceMixin:
             with precision("float64"):
                 dense = to_device(dense_crossproducts(self.stats, self.layout), np.float64)
                 out = kr_derivatives(jax.device_put(phi), dense, self.layout)
-            c["kr"] = kr_adjusted(*out)
+                # materialize inside the context: dispatch is asynchronous, and the
+                # one-thread BLAS limit must still hold while the program runs
+                c["kr"] = kr_adjusted(*jax.device_get(out))
         return c["kr"]
 
     @property
