@@ -179,7 +179,7 @@ d <- read.csv("{csv}")
 d$subject <- factor(d$subject); d$group <- factor(d$group)
 ids <- sort(unique(d$id))
 out <- data.frame(id = ids, p_satt = NA_real_, df_satt = NA_real_, p_kr = NA_real_, df_kr = NA_real_,
-                  singular = NA, loglik = NA_real_, t_satt = NA_real_, t_kr = NA_real_)
+                  singular = NA, loglik = NA_real_, theta = NA_character_, t_satt = NA_real_, t_kr = NA_real_)
 for (k in seq_along(ids)) {{
   dd <- d[d$id == ids[k], ]
   r <- try({{
@@ -194,11 +194,14 @@ for (k in seq_along(ids)) {{
                                                         ck["groupB", "Pr(>|t|)"], ck["groupB", "df"])
     out$singular[k] <- isSingular(fit)
     out$loglik[k] <- as.numeric(logLik(fit))
+    out$theta[k] <- paste(sprintf("%.17g", getME(fit, "theta")), collapse = ";")
     out$t_satt[k] <- t1 - t0
     out$t_kr[k] <- t2 - t1
   }}, silent = TRUE)
 }}
-write.csv(format(out, digits = 17), "{out}", row.names = FALSE)
+num <- sapply(out, is.numeric)
+out[num] <- lapply(out[num], function(x) sprintf("%.17g", x))
+write.csv(out, "{out}", row.names = FALSE)
 """
 
 
@@ -216,6 +219,27 @@ def run_r(base: pd.DataFrame, ys: np.ndarray, tmp: Path) -> dict:
     r = pd.read_csv(out)
     r["singular"] = r["singular"].astype(str).str.strip().str.upper() == "TRUE"
     return dict(table=r, wall=wall)
+
+
+def lmmjax_at_r_theta(base: pd.DataFrame, ys: np.ndarray, rt: pd.DataFrame, coef: str) -> dict:
+    """lmmjax evaluated at lme4's θ (lmer(..., theta=)): p and df for Satterthwaite and KR.
+    Separates the inference code from optimizer differences (in these flat likelihoods the
+    Satterthwaite df moves a lot with θ̂)."""
+    import lmmjax
+
+    m = len(rt)
+    out = {k: np.full(m, np.nan) for k in ("p_satt", "df_satt", "p_kr", "df_kr")}
+    data = base.copy()
+    for i in range(m):
+        th = rt["theta"].iloc[i]
+        if not isinstance(th, str):
+            continue
+        data["y"] = ys[i]
+        fit = lmmjax.lmer(FORMULA, data=data, reml=True, theta=np.array([float(x) for x in th.split(";")]),
+                          warn=False)
+        s, k = fit.coef_table("satterthwaite").loc[coef], fit.coef_table("kenward-roger").loc[coef]
+        out["p_satt"][i], out["df_satt"][i], out["p_kr"][i], out["df_kr"][i] = s["p"], s["df"], k["p"], k["df"]
+    return out
 
 
 # ----------------------------------------------------------------------------- report
@@ -341,6 +365,16 @@ def report(args, res: dict, sm: dict | None, rr: dict | None, wall_total: float)
             miss = int((np.isnan(pr) != np.isnan(pj)).sum())
             if miss:
                 w(f"  {meth}: NaN/failed in only one of lmmjax and R: {miss}")
+        at = rr["at_theta"]
+        w("  lmmjax evaluated at lme4's theta (all data sets, isolates the inference code from the optimizers):")
+        for meth, pc, dc in (("satterthwaite", "p_satt", "df_satt"), ("kenward-roger", "p_kr", "df_kr")):
+            pr, dr = t[pc].to_numpy(float), t[dc].to_numpy(float)
+            ok = ~np.isnan(pr) & ~np.isnan(at[pc])
+            dp = np.abs(at[pc][ok] - pr[ok])
+            ddf = np.abs(at[dc][ok] - dr[ok]) / np.abs(dr[ok])
+            w(f"  {meth:<14} n={int(ok.sum()):4d}: |p diff| max {dp.max():.1e} median {np.median(dp):.1e}; "
+              f"df rel diff max {ddf.max():.1e} median {np.median(ddf):.1e}; decision at 0.05 differs: "
+              f"{int(((at[pc][ok] < 0.05) != (pr[ok] < 0.05)).sum())}")
         sd = t["singular"].to_numpy() != res["singular"][:m]
         w(f"  singular flag differs between lme4 and lmmjax in {int(sd.sum())} of {m} data sets "
           f"({int((sd & same_opt).sum())} of them at the same optimum)")
@@ -401,6 +435,8 @@ def main(argv=None) -> int:
         tmp = Path(tempfile.mkdtemp(prefix="lmmjax_calib_"))
         try:
             rr = run_r(base, ys[:m], tmp)
+            log("lmmjax at lme4's theta")
+            rr["at_theta"] = lmmjax_at_r_theta(base, ys[:m], rr["table"], res["coef"])
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     text = report(args, res, sm, rr, time.perf_counter() - t_start)

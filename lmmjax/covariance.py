@@ -37,6 +37,7 @@ class Unstructured:
     """General ``q × q`` covariance; θ = lower triangle of T in column-major order (lme4)."""
 
     q: int
+    correlated = True  # VarCorr lists covariances/correlations
 
     @property
     def n_params(self) -> int:
@@ -99,6 +100,7 @@ class Diagonal:
     """Independent coefficients with their own variances: ``diag(1 + x | g)``."""
 
     q: int
+    correlated = False
 
     @property
     def n_params(self) -> int:

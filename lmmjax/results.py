@@ -95,13 +95,13 @@ class LmerResult(InferenceMixin):
         """Tidy variance components like ``as.data.frame(VarCorr(fit))``:
         variances (``term2`` missing) then covariances/correlations per term, then Residual."""
         rows = []
-        for g, S in zip(self._group_labels(), self.covariance_matrices()):
+        for g, S, blk in zip(self._group_labels(), self.covariance_matrices(), self.design.blocks):
             names = list(S.index)
             v = np.diag(S.to_numpy())
             sd = np.sqrt(np.maximum(v, 0.0))
             for i, nm in enumerate(names):
                 rows.append((g, nm, None, v[i], sd[i]))
-            for j in range(len(names)):
+            for j in range(len(names) if blk.structure.correlated else 0):
                 for i in range(j + 1, len(names)):
                     c = S.iat[i, j]
                     denom = sd[i] * sd[j]

@@ -37,12 +37,12 @@ def _criteria(m) -> list[str]:
 
 def _random_table(m) -> list[str]:
     rows = []
-    for g, S in zip(m._group_labels(), m.covariance_matrices()):
+    for g, S, blk in zip(m._group_labels(), m.covariance_matrices(), m.design.blocks):
         names = list(S.index)
         sd = np.sqrt(np.maximum(np.diag(S.to_numpy()), 0.0))
         for i, nm in enumerate(names):
             corr = []
-            for j in range(i):
+            for j in range(i if blk.structure.correlated else 0):
                 d = sd[i] * sd[j]
                 corr.append(f"{S.iat[i, j] / d:.2f}" if d > 0 else "NaN")
             rows.append([g if i == 0 else "", nm, _num(sd[i] ** 2), _num(sd[i]), " ".join(f"{c:>5}" for c in corr)])

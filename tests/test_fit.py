@@ -110,3 +110,15 @@ def test_same_shape_refit_does_not_recompile(sleep, fit):
     y2 = sleep.assign(Reaction=sleep.Reaction * 1.1 + 3)
     lmmjax.lmer("Reaction ~ Days + (Days | Subject)", y2)
     assert (fit_program._cache_size(), solve._cache_size()) == before
+
+
+def test_diag_structure_equals_double_bar(sleep):
+    """diag(1 + Days | Subject) is one term with a diagonal template; (Days || Subject)
+    is two scalar terms (lme4); the models are the same, so are all their numbers."""
+    a = lmmjax.lmer("Reaction ~ Days + diag(1 + Days | Subject)", sleep)
+    b = lmmjax.lmer("Reaction ~ Days + (Days || Subject)", sleep)
+    np.testing.assert_allclose(a.reml_criterion, b.reml_criterion, rtol=1e-10)
+    np.testing.assert_allclose(np.sort(a.theta), np.sort(b.theta), rtol=1e-5)
+    for ddf in ("satterthwaite", "kenward-roger"):
+        np.testing.assert_allclose(a.coef_table(ddf).to_numpy(), b.coef_table(ddf).to_numpy(), rtol=1e-5)
+    assert list(a.varcorr["group"]) == ["Subject", "Subject", "Residual"]
