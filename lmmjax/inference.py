@@ -306,7 +306,8 @@ class InferenceMixin:
         """Fixed-effects table: estimate, se, df, t, p and a ``level`` confidence interval.
 
         ddf: "satterthwaite" (lmerTest), "kenward-roger" (pbkrtest: adjusted SEs and
-        df), "residual" (n − p), "asymptotic" (z tests, what statsmodels reports).
+        df), "residual" (n − p), "asymptotic" (z tests, as statsmodels reports — its SEs,
+        though, come from the joint inverse Hessian of fixed and variance parameters).
         """
         import pandas as pd
 
