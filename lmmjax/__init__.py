@@ -10,6 +10,7 @@ enable_persistent_cache()
 
 from . import datasets  # noqa: E402
 from . import confint  # noqa: E402
+from .batch import BatchResult, lmer_batch  # noqa: E402
 from .compare import compare  # noqa: E402
 from .design import DataError  # noqa: E402
 from .formula import FormulaError
@@ -19,6 +20,6 @@ from .results import LmerResult
 
 __version__ = "0.1.0"
 __all__ = [
-    "lmer", "compare", "confint", "precision", "datasets", "LmerResult", "DataError", "FormulaError",
+    "lmer", "lmer_batch", "BatchResult", "compare", "confint", "precision", "datasets", "LmerResult", "DataError", "FormulaError",
     "ConvergenceWarning", "SingularFitWarning",
 ]
