@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -33,6 +32,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import scipy.stats as sst
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import git_state, machine_info, save_report, stderr_log  # noqa: E402
+from _common import text_table as _table  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "calibration.txt"
@@ -68,25 +71,6 @@ def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
     lo = 0.0 if k == 0 else sst.beta.ppf(a / 2, k, n - k + 1)
     hi = 1.0 if k == n else sst.beta.ppf(1 - a / 2, k + 1, n - k)
     return float(lo), float(hi)
-
-
-def git_state() -> str:
-    root = HERE.parent
-    try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "lmmjax"],
-                               capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "unknown"
-    return f"commit {head}" + (" + uncommitted changes in lmmjax/" if dirty else "")
-
-
-def _table(hdr, rows):
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(hdr)]
-    line = lambda cells: "  ".join(c.ljust(wd) if i == 0 else c.rjust(wd)
-                                    for i, (c, wd) in enumerate(zip(cells, widths)))
-    return [line(hdr), line(["-" * x for x in widths])] + [line(r) for r in rows]
 
 
 # ----------------------------------------------------------------------------- lmmjax
@@ -244,15 +228,10 @@ def lmmjax_at_r_theta(base: pd.DataFrame, ys: np.ndarray, rt: pd.DataFrame, coef
 
 # ----------------------------------------------------------------------------- report
 def report(args, res: dict, sm: dict | None, rr: dict | None, wall_total: float) -> str:
-    import jax
-
-    import lmmjax
-
     n = args.n
     out = []
     w = out.append
-    w(f"lmmjax type I error calibration  ({time.strftime('%Y-%m-%d %H:%M')}, {platform.node()}, "
-      f"{os.cpu_count()} cores, jax {jax.__version__}, lmmjax {lmmjax.__version__}; {git_state()})")
+    w(f"lmmjax type I error calibration  ({machine_info(python=False)}; {git_state()})")
     w(f"{n} data sets (seed {args.seed}): {args.subjects} subjects x {args.times} time points, "
       f"group = 2-level between-subject factor ({args.subjects // 2} + {args.subjects - args.subjects // 2} "
       f"subjects), true group effect 0")
@@ -410,7 +389,7 @@ def main(argv=None) -> int:
 
     os.environ["LMMJAX_COMPILATION_CACHE"] = "0"   # measure compilation too, leave ~/.cache alone
     t_start = time.perf_counter()
-    log = lambda msg: print(f"[{time.perf_counter() - t_start:6.1f}s] {msg}", file=sys.stderr, flush=True)
+    log = stderr_log(t_start)
     base = base_frame(args.subjects, args.times)
     rng = np.random.default_rng(args.seed)
     ys = np.stack([simulate_y(rng, base, args.subjects) for _ in range(args.n)])
@@ -440,10 +419,7 @@ def main(argv=None) -> int:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     text = report(args, res, sm, rr, time.perf_counter() - t_start)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
-    print(f"\nsaved to {args.out}", file=sys.stderr)
+    save_report(text, args.out)
     return 0
 
 

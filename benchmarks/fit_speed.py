@@ -12,9 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -25,6 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import (CompileCounter, clean_env, cold_env, disable_persistent_cache, git_state,  # noqa: E402
+                     machine_info, median, save_report, sleepstudy, stderr_log, text_table, use_rscript,
+                     wall, write_csvs)
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "fit_speed.txt"
@@ -83,15 +86,6 @@ def sim_crossed(n, k1, k2, seed):
     return pd.DataFrame({"y": y, "x": x, "g1": _levels("a", k1)[g1], "g2": _levels("b", k2)[g2]})
 
 
-def sleepstudy():
-    import lmmjax
-
-    df = lmmjax.datasets.sleepstudy()
-    return pd.DataFrame({"Reaction": df["Reaction"].to_numpy(float),
-                         "Days": df["Days"].to_numpy(float),
-                         "Subject": df["Subject"].astype(str).to_numpy()})
-
-
 SLOPES = "y ~ x + (1 + x | g)"
 CROSSED = "y ~ x + (1 | g1) + (1 | g2)"
 
@@ -118,32 +112,10 @@ def read_data(d: Design) -> pd.DataFrame:
 
 
 # ----------------------------------------------------------------------------- helpers
-def median(xs):
-    return statistics.median(xs) if xs else float("nan")
-
-
-def _clean_env():
-    env = dict(os.environ)
-    for k in list(env):
-        if k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE", "JAX_ENABLE_COMPILATION_CACHE",
-                         "LMMJAX_CACHE", "LMMJAX_COMPILATION_CACHE")):
-            del env[k]
-    env.pop("XLA_FLAGS", None)
-    return env
-
-
-def cold_env():
-    """A true cold start: no persistent compilation cache, neither JAX's nor lmmjax's."""
-    env = _clean_env()
-    env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
-    env["LMMJAX_COMPILATION_CACHE"] = "0"
-    return env
-
-
 def lmmjax_cache_support() -> bool:
     """Does ``import lmmjax`` switch on a persistent compilation cache (in $LMMJAX_CACHE_DIR)?"""
     with tempfile.TemporaryDirectory() as d:
-        env = _clean_env()
+        env = clean_env()
         env["LMMJAX_CACHE_DIR"] = d
         code = "import jax, lmmjax; print(jax.config.jax_compilation_cache_dir)"
         try:
@@ -151,15 +123,6 @@ def lmmjax_cache_support() -> bool:
         except Exception:
             return False
         return out.strip().endswith(d)
-
-
-def wall(cmd, env=None, timeout=None):
-    t0 = time.perf_counter()
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    dt = time.perf_counter() - t0
-    if p.returncode != 0:
-        raise RuntimeError(f"{cmd[0]} failed ({p.returncode}):\n{p.stderr[-2000:]}")
-    return dt, p.stdout
 
 
 # ----------------------------------------------------------------------------- lmmjax
@@ -185,7 +148,7 @@ def lmmjax_cold(d: Design, reps: int, env=None) -> list[float]:
 def lmmjax_cached_cold(d: Design, cache_dir: str, lmmjax_cache: bool) -> float:
     """Persistent compilation cache (lmmjax's own if it has one, else JAX's, configured
     by environment variables): one fresh process populates an empty cache, a second one is timed."""
-    env = _clean_env()
+    env = clean_env()
     if lmmjax_cache:
         env["LMMJAX_CACHE_DIR"] = cache_dir
     else:
@@ -193,20 +156,6 @@ def lmmjax_cached_cold(d: Design, cache_dir: str, lmmjax_cache: bool) -> float:
                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     lmmjax_cold(d, 1, env)
     return lmmjax_cold(d, 1, env)[0]
-
-
-class CompileCounter:
-    """Counts XLA backend compilations (jax.monitoring events)."""
-
-    def __init__(self):
-        import jax
-
-        self.n = 0
-        jax.monitoring.register_event_duration_secs_listener(self._on)
-
-    def _on(self, event, duration, **kw):
-        if "backend_compile" in event:
-            self.n += 1
 
 
 def lmmjax_warm(d: Design, df: pd.DataFrame, reps: int, counter: CompileCounter) -> dict:
@@ -337,18 +286,6 @@ def lme4_cold(d: Design, reps: int) -> list[float]:
 
 
 # ----------------------------------------------------------------------------- report
-def git_state() -> str:
-    root = HERE.parent
-    try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "lmmjax"],
-                               capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "unknown"
-    return f"commit {head}" + (" + uncommitted changes in lmmjax/" if dirty else "")
-
-
 def fmt_s(x):
     if x is None or (isinstance(x, float) and np.isnan(x)):
         return "-"
@@ -368,16 +305,10 @@ def fmt_d(a, b):
 
 
 def report(ds: list[Design], args, wall_total: float) -> str:
-    import jax
-
-    import lmmjax
-
     out = []
     w = out.append
     has_cached = any("jax_cached_cold" in d.res for d in ds)
-    w(f"lmmjax fit speed  ({time.strftime('%Y-%m-%d %H:%M')}, {platform.node()}, "
-      f"{os.cpu_count()} cores, python {platform.python_version()}, jax {jax.__version__}, "
-      f"lmmjax {lmmjax.__version__})")
+    w(f"lmmjax fit speed  ({machine_info()})")
     w(f"lmmjax source: {git_state()}")
     w("times in seconds (wall clock); warm = median of in-process refits; cold = fresh process incl. "
       "import/JIT/summary, no persistent cache; ratios > 1 mean lmmjax is faster")
@@ -403,13 +334,7 @@ def report(ds: list[Design], args, wall_total: float) -> str:
             fmt_s(lw), fmt_s(lc), fmt_ratio(lw, jw), fmt_ratio(smt, jw), fmt_ratio(lc, jc),
             fmt_d(ll, r.get("lme4", {}).get("loglik")), fmt_d(ll, sm.get("loglik")),
         ])
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(hdr)]
-    line = lambda cells: "  ".join(c.ljust(wd) if i == 0 else c.rjust(wd)
-                                    for i, (c, wd) in enumerate(zip(cells, widths)))
-    w(line(hdr))
-    w(line(["-" * x for x in widths]))
-    for row in rows:
-        w(line(row))
+    out.extend(text_table(hdr, rows))
     w("dLL = logLik(lmmjax) - logLik(other), REML log-likelihoods")
     w("")
     w("details:")
@@ -487,24 +412,16 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     # the in-process fits too: no persistent cache (set before lmmjax is imported)
-    for k in ("JAX_COMPILATION_CACHE_DIR", "LMMJAX_CACHE_DIR"):
-        os.environ.pop(k, None)
-    os.environ["LMMJAX_COMPILATION_CACHE"] = "0"
+    disable_persistent_cache()
     t_start = time.perf_counter()
-    use_r = not args.no_r and shutil.which("Rscript") is not None
-    if not args.no_r and not use_r:
-        print("Rscript not found: skipping lme4", file=sys.stderr)
+    use_r = use_rscript(args.no_r, "lme4")
     ds = designs(args.quick)
     tmp = Path(tempfile.mkdtemp(prefix="lmmjax_bench_"))
     args.lmmjax_cache = lmmjax_cache_support()
     cached = args.cached_cold or args.lmmjax_cache
-    log = lambda msg: print(f"[{time.perf_counter() - t_start:6.1f}s] {msg}", file=sys.stderr, flush=True)
+    log = stderr_log(t_start)
     try:
-        for d in ds:
-            df = d.make()
-            d.n = len(df)
-            d.csv = tmp / f"{d.name}.csv"
-            df.to_csv(d.csv, index=False, float_format="%.17g")
+        write_csvs(ds, tmp)
         counter = CompileCounter()
         for d in ds:
             log(f"{d.name}: lmmjax cold")
@@ -532,10 +449,7 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     text = report(ds, args, time.perf_counter() - t_start)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
-    print(f"\nsaved to {args.out}", file=sys.stderr)
+    save_report(text, args.out)
     return 0
 
 

@@ -12,12 +12,8 @@ from __future__ import annotations
 import argparse
 import gc
 import io
-import json
 import os
-import platform
 import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,6 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import (CompileCounter, cold_env, disable_persistent_cache, git_state, machine_info,  # noqa: E402
+                     median, save_report, sleepstudy, stderr_log, use_rscript, wall, write_csvs)
+from _common import text_table as _table  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "inference_speed.txt"
@@ -47,15 +48,6 @@ class Design:
     csv: Path | None = None
     n: int = 0
     res: dict = field(default_factory=dict)
-
-
-def sleepstudy() -> pd.DataFrame:
-    import lmmjax
-
-    df = lmmjax.datasets.sleepstudy()
-    return pd.DataFrame({"Reaction": df["Reaction"].to_numpy(float),
-                         "Days": df["Days"].to_numpy(float),
-                         "Subject": df["Subject"].astype(str).to_numpy()})
 
 
 def sim_between(n_subj: int, n_obs: int, seed: int) -> pd.DataFrame:
@@ -91,46 +83,6 @@ def read_data(d: Design) -> pd.DataFrame:
     return df
 
 
-# ----------------------------------------------------------------------------- helpers
-def median(xs):
-    return statistics.median(xs) if xs else float("nan")
-
-
-def cold_env():
-    """Fresh process without any persistent compilation cache (neither JAX's nor lmmjax's)."""
-    env = dict(os.environ)
-    for k in list(env):
-        if k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE", "LMMJAX_CACHE")):
-            del env[k]
-    env.pop("XLA_FLAGS", None)
-    env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
-    env["LMMJAX_COMPILATION_CACHE"] = "0"
-    return env
-
-
-def wall(cmd, env=None, timeout=None):
-    t0 = time.perf_counter()
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    dt = time.perf_counter() - t0
-    if p.returncode != 0:
-        raise RuntimeError(f"{cmd[0]} failed ({p.returncode}):\n{p.stderr[-3000:]}")
-    return dt, p.stdout
-
-
-class CompileCounter:
-    """Counts XLA backend compilations (jax.monitoring events)."""
-
-    def __init__(self):
-        import jax
-
-        self.n = 0
-        jax.monitoring.register_event_duration_secs_listener(self._on)
-
-    def _on(self, event, duration, **kw):
-        if "backend_compile" in event:
-            self.n += 1
-
-
 # ----------------------------------------------------------------------------- lmmjax
 LMMJAX_COLD = """\
 import warnings
@@ -149,7 +101,7 @@ def lmmjax_cold(d: Design, reps: int) -> list[float]:
     code = LMMJAX_COLD.format(csv=str(d.csv), dtypes={g: "category" for g in d.factors}, formula=d.formula)
     times = []
     for _ in range(reps):
-        dt, out = wall([sys.executable, "-c", code], env=cold_env(), timeout=600)
+        dt, out = wall([sys.executable, "-c", code], env=cold_env(), timeout=600, tail=3000)
         if "OK" not in out:
             raise RuntimeError(f"lmmjax cold run failed:\n{out[-1000:]}")
         times.append(dt)
@@ -254,7 +206,7 @@ def _run_r(script: str) -> tuple[float, str]:
     with tempfile.NamedTemporaryFile("w", suffix=".R", delete=False) as f:
         f.write(script)
     try:
-        return wall(["Rscript", f.name], timeout=R_TIMEOUT)
+        return wall(["Rscript", f.name], timeout=R_TIMEOUT, tail=3000)
     finally:
         os.unlink(f.name)
 
@@ -311,18 +263,6 @@ def compare(jt: pd.DataFrame, rt: pd.DataFrame) -> dict:
 
 
 # ----------------------------------------------------------------------------- report
-def git_state() -> str:
-    root = HERE.parent
-    try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "lmmjax"],
-                               capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "unknown"
-    return f"commit {head}" + (" + uncommitted changes in lmmjax/" if dirty else "")
-
-
 def fmt_s(x):
     if x is None or (isinstance(x, float) and np.isnan(x)):
         return "-"
@@ -337,24 +277,11 @@ def fmt_ratio(a, b):
     return f"{a / b:.0f}x" if a / b >= 10 else f"{a / b:.1f}x"
 
 
-def _table(hdr, rows):
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(hdr)]
-    line = lambda cells: "  ".join(c.ljust(wd) if i == 0 else c.rjust(wd)
-                                    for i, (c, wd) in enumerate(zip(cells, widths)))
-    return [line(hdr), line(["-" * x for x in widths])] + [line(r) for r in rows]
-
-
 def report(ds: list[Design], args, wall_total: float) -> str:
-    import jax
-
-    import lmmjax
-
     out = []
     w = out.append
     rv = next((d.res["r"]["versions"] for d in ds if "r" in d.res), None)
-    w(f"lmmjax inference speed  ({time.strftime('%Y-%m-%d %H:%M')}, {platform.node()}, "
-      f"{os.cpu_count()} cores, python {platform.python_version()}, jax {jax.__version__}, "
-      f"lmmjax {lmmjax.__version__}"
+    w(f"lmmjax inference speed  ({machine_info()}"
       + (f"; R lme4 {rv[0]}, lmerTest {rv[1]}, pbkrtest {rv[2]})" if rv else ")"))
     w(f"lmmjax source: {git_state()}")
     w("wall clock; lmmjax warm = median over refits (new model object each time) of coef_table(ddf) alone; "
@@ -469,22 +396,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     # in-process: no persistent compilation cache either (set before lmmjax is imported)
-    for k in ("JAX_COMPILATION_CACHE_DIR", "LMMJAX_CACHE_DIR"):
-        os.environ.pop(k, None)
-    os.environ["LMMJAX_COMPILATION_CACHE"] = "0"
+    disable_persistent_cache()
     t_start = time.perf_counter()
-    use_r = not args.no_r and shutil.which("Rscript") is not None
-    if not args.no_r and not use_r:
-        print("Rscript not found: skipping R", file=sys.stderr)
-    log = lambda msg: print(f"[{time.perf_counter() - t_start:6.1f}s] {msg}", file=sys.stderr, flush=True)
+    use_r = use_rscript(args.no_r, "R")
+    log = stderr_log(t_start)
     ds = designs()
     tmp = Path(tempfile.mkdtemp(prefix="lmmjax_infbench_"))
     try:
-        for d in ds:
-            df = d.make()
-            d.n = len(df)
-            d.csv = tmp / f"{d.name}.csv"
-            df.to_csv(d.csv, index=False, float_format="%.17g")
+        write_csvs(ds, tmp)
         counter = CompileCounter()
         for d in ds:
             log(f"{d.name}: lmmjax cold x{args.cold_reps}")
@@ -505,10 +424,7 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     text = report(ds, args, time.perf_counter() - t_start)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
-    print(f"\nsaved to {args.out}", file=sys.stderr)
+    save_report(text, args.out)
     return 0
 
 
