@@ -25,9 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
-import scipy.stats as sst
 
 from ._compute import precision, to_device
+from ._dist import t_sf
 from .design import DataError, build_design, design_stats, response_stats
 from .inference import _satt_df_rows, _satterthwaite_program, vcov_varpar
 from .likelihood import Layout, objective, solve
@@ -196,7 +196,7 @@ class BatchResult:
         else:
             raise ValueError("lmer_batch supports ddf='satterthwaite', 'residual' or 'asymptotic' so far")
         t = est / se
-        p = 2 * sst.t.sf(np.abs(t), df)
+        p = 2 * t_sf(np.abs(t), df)
         return pd.DataFrame({"estimate": est, "se": se, "df": df, "t": t, "p": p, "p_adj": _bh(p),
                              "converged": self.converged.to_numpy(), "singular": self.is_singular.to_numpy()},
                             index=self.fixef.index)

@@ -6,8 +6,8 @@ import warnings
 
 import numpy as np
 import pandas as pd
-import scipy.stats as sst
 
+from ._dist import chi2_sf
 from .design import DataError
 
 __all__ = ["compare"]
@@ -75,7 +75,7 @@ def compare(*models, refit: bool = True, names=None) -> pd.DataFrame:
         if prev is not None:
             chisq = -2 * prev.loglik - dev
             ddf = m.npar - prev.npar
-            row.update(chisq=chisq, df=ddf, p=float(sst.chi2.sf(chisq, ddf)) if ddf > 0 else np.nan)
+            row.update(chisq=chisq, df=ddf, p=chi2_sf(chisq, ddf) if ddf > 0 else np.nan)
             if m.layout.n_theta != prev.layout.n_theta:
                 notes.append(f"{names[i]}: variance parameters are tested on the boundary of their "
                              "space; the χ² p-value is conservative")

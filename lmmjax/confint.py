@@ -25,10 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
-import scipy.optimize as so
-import scipy.stats as sst
 
 from ._compute import precision, to_device
+from ._dist import chi2_ppf, norm_ppf
 from ._linalg import chol_small
 from .likelihood import Layout, factorize
 
@@ -118,10 +117,12 @@ def _bounds(names):
 
 
 def _profile_varpar(m, j, level, dev0, psi0, stats):
+    import scipy.optimize as so
+
     names = varpar_names(m)
     bounds = _bounds(names)
     others = [i for i in range(len(psi0)) if i != j]
-    crit = sst.chi2.ppf(level, 1)
+    crit = chi2_ppf(level, 1)
     start = {"x": psi0[others]}
 
     def dmin(v):
@@ -173,6 +174,8 @@ def _profile_varpar(m, j, level, dev0, psi0, stats):
 
 def _profile_fixed(m, j, level, dev0):
     """Profile β_j of an ML fit: offset y − b·x_j, refit θ by ML on the other columns."""
+    import scipy.optimize as so
+
     from .optimize import minimize_theta
 
     st = {k: np.asarray(v, float) for k, v in m.stats.items()}
@@ -181,7 +184,7 @@ def _profile_fixed(m, j, level, dev0):
     base = dict(D1=st["D1"], Z1X=st["Z1X"][:, :, keep], XX=st["XX"][np.ix_(keep, keep)], n=st["n"])
     if m.layout.q_rest:
         base.update(Z1Zr=st["Z1Zr"], ZrZr=st["ZrZr"], ZrX=st["ZrX"][:, keep])
-    crit = sst.chi2.ppf(level, 1)
+    crit = chi2_ppf(level, 1)
     se = math.sqrt(m.vcov.iat[j, j])
     b0 = m.fixef.iat[j]
     start = {"theta": m.theta}
@@ -238,7 +241,7 @@ def _profile(m, level):
 
 
 def _wald(m, level):
-    z = sst.norm.ppf(0.5 + level / 2)
+    z = norm_ppf(0.5 + level / 2)
     rows = {n: (np.nan, np.nan) for n in varpar_names(m)}
     se = np.sqrt(np.diag(m.vcov.to_numpy()))
     for name, b, s in zip(m.fixef.index, m.fixef.to_numpy(), se):

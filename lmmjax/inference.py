@@ -36,9 +36,9 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.stats as sst
 
 from ._compute import precision, to_device
+from ._dist import f_sf, t_ppf, t_sf
 from .likelihood import Layout, factorize
 
 __all__ = ["satterthwaite_derivatives", "kr_derivatives", "satterthwaite_test", "kr_test",
@@ -123,7 +123,7 @@ def satterthwaite_test(L, beta, C, J, A) -> dict:
     F = float(t2.sum() / q)
     nu = _satt_df_rows(PtL, C, J, A)
     ddf = pooled_ddf(nu)
-    return dict(F=F, num_df=q, den_df=ddf, p=float(sst.f.sf(F, q, ddf)))
+    return dict(F=F, num_df=q, den_df=ddf, p=f_sf(F, q, ddf))
 
 
 # ------------------------------------------------------------ Kenward-Roger
@@ -243,7 +243,7 @@ def kr_test(L, beta, Phi, PhiA, W, Pk) -> dict:
     Lb = L @ beta
     wald = float(Lb @ np.linalg.solve(L @ PhiA @ L.T, Lb))
     F = scale * wald / q
-    return dict(F=F, num_df=q, den_df=float(ddf), p=float(sst.f.sf(F, q, ddf)), F_scaling=scale)
+    return dict(F=F, num_df=q, den_df=float(ddf), p=f_sf(F, q, ddf), F_scaling=scale)
 
 
 # ------------------------------------------------------------ model-level API
@@ -329,8 +329,8 @@ class InferenceMixin:
             else:
                 df = np.full(p, np.inf)
         t = beta / se
-        pval = 2 * sst.t.sf(np.abs(t), df)
-        crit = sst.t.ppf(0.5 + level / 2, df)
+        pval = 2 * t_sf(np.abs(t), df)
+        crit = t_ppf(0.5 + level / 2, df)
         return pd.DataFrame(
             {"estimate": beta, "se": se, "df": df, "t": t, "p": pval,
              "lower": beta - crit * se, "upper": beta + crit * se},
@@ -395,7 +395,7 @@ class InferenceMixin:
             Lb = Lm @ beta
             F = float(Lb @ np.linalg.solve(Lm @ C @ Lm.T, Lb) / q)
             den = np.inf if ddf == "asymptotic" else float(self.nobs - beta.size)
-            out = dict(F=F, num_df=q, den_df=den, p=float(sst.f.sf(F, q, den)), F_unscaled=F)
+            out = dict(F=F, num_df=q, den_df=den, p=f_sf(F, q, den), F_unscaled=F)
         return pd.Series(out)
 
     def anova(self, type: int | str = 3, ddf: str = "satterthwaite"):
