@@ -6,11 +6,11 @@ the n × G response matrix.  After that, every per-response computation costs
 nothing in n.
 
 The fit is a vmapped **damped Newton** on θ with the exact Hessian (θ has a handful
-of entries), written without data-dependent loops so that responses never wait for
-each other: a fixed number of iterations, each trying a ladder of step lengths in
-parallel and keeping the best (a step that does not lower the criterion is not
+of entries); each iteration tries a ladder of step lengths in parallel (no line-search
+loop, so responses do not wait for each other within an iteration) and keeps the best (a step that does not lower the criterion is not
 taken).  Where the Hessian is not positive definite it is shifted (Levenberg–
-Marquardt), and a step moves θ by at most 1.  The θ = 0 trap is handled as in the single
+Marquardt), and a step moves θ by at most 1.  The iterations stop when every response
+of the batch has converged (at most 50).  The θ = 0 trap is handled as in the single
 fit: the criterion is probed at inward points and at exactly 0 for every diagonal
 entry, the best point is taken, and the Newton iterations continue from there.
 (A vmapped L-BFGS with line-search loops ran in lockstep at the slowest response's
@@ -30,6 +30,7 @@ from ._compute import precision, to_device
 from ._dist import t_sf
 from .design import DataError, build_design, design_stats, response_stats
 from .inference import _satt_df_rows, _satterthwaite_program, vcov_varpar
+from ._linalg import chol_small, tril_inv_small
 from .likelihood import Layout, objective, solve
 from .optimize import SINGULAR_TOL, _probe_points
 
@@ -47,15 +48,22 @@ def _newton(theta, stats, layout: Layout, reml: bool, iters: int, free=None):
     free = jnp.ones(theta.shape, bool) if free is None else free
     fixed_eye = jnp.diag(jnp.where(free, 0.0, 1.0).astype(theta.dtype))
 
-    def step(th, _):
+    def step(carry):
+        th, it, _ = carry
         v, g = vg(th)
         g = jnp.where(free, g, 0.0)
         H = jnp.where(free[:, None] & free[None, :], hess(th), 0.0) + fixed_eye
-        w = jnp.linalg.eigvalsh(H)
-        scale = jnp.maximum(1.0, jnp.max(jnp.abs(w)))
-        # Levenberg shift: make H + λI comfortably positive definite where H is not
-        shift = jnp.where(jnp.min(w) > 1e-8 * scale, 0.0, jnp.abs(jnp.min(w)) + 1e-3 * scale)
-        d = jnp.linalg.solve(H + shift * jnp.eye(th.shape[0], dtype=th.dtype), g)
+        # Levenberg shift: make H + λI comfortably positive definite where H is not.
+        # PD is read off an unrolled Cholesky (no LAPACK under vmap); the shift uses
+        # Gershgorin's bound on the smallest eigenvalue.
+        k = th.shape[0]
+        eye = jnp.eye(k, dtype=th.dtype)
+        scale = jnp.maximum(1.0, jnp.max(jnp.abs(H)))
+        pd = jnp.all(jnp.isfinite(chol_small(H))) & jnp.all(jnp.diagonal(chol_small(H)) > 1e-6 * jnp.sqrt(scale))
+        gersh = jnp.min(jnp.diagonal(H) - (jnp.sum(jnp.abs(H), axis=1) - jnp.abs(jnp.diagonal(H))))
+        shift = jnp.where(pd, 0.0, jnp.maximum(0.0, -gersh) + 1e-3 * scale)
+        Li = tril_inv_small(chol_small(H + shift * eye))
+        d = Li.T @ (Li @ g)
         d = d / jnp.maximum(1.0, jnp.max(jnp.abs(d)))  # θ moves at most 1 per iteration
         cand = th[None, :] - ladder[:, None] * d[None, :]
         vals = jax.vmap(f)(cand)
@@ -67,14 +75,18 @@ def _newton(theta, stats, layout: Layout, reml: bool, iters: int, free=None):
         full_ok = (shift == 0.0) & (vals[0] <= v + 1e-12 * jnp.maximum(1.0, jnp.abs(v)))
         new = jnp.where(vals[j] < v, cand[j], th)
         new = jnp.where(full_ok & ~(vals[j] < v - 1e-10 * jnp.maximum(1.0, jnp.abs(v))), cand[0], new)
-        return new, None
+        # done: no move left, or a converged full Newton step
+        done = jnp.all(new == th) | (full_ok & (jnp.max(jnp.abs(g)) < 1e-11 * jnp.maximum(1.0, jnp.abs(v))))
+        return new, it + 1, done
 
-    th, _ = jax.lax.scan(step, theta, None, length=iters)
+    # under vmap the loop runs until every response is done (or ``iters``)
+    th, _, _ = jax.lax.while_loop(lambda c: (c[1] < iters) & ~c[2], step,
+                                  (theta, jnp.zeros((), jnp.int32), jnp.zeros((), bool)))
     return th
 
 
 @partial(jax.jit, static_argnames=("layout", "reml", "iters"))
-def batch_fit_program(theta0, dstats, rstats, layout: Layout, reml: bool, iters: int = 30):
+def batch_fit_program(theta0, dstats, rstats, layout: Layout, reml: bool, iters: int = 50):
     """Fit every response (leading axis of ``rstats``); returns θ, criterion, gradient, Hessian."""
     def one(r):
         st = {**dstats, **r}

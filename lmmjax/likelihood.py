@@ -131,13 +131,15 @@ def factorize(theta, stats, layout: Layout):
         logdet_z = logdet_z + 2.0 * jnp.sum(jnp.log(jnp.diagonal(L22)))
         out.update(K=K, L22=L22, L22i=L22i, c2x=c2x, c2y=c2y)
     if Mxx.shape[0]:
-        RX = jnp.linalg.cholesky(Mxx)
-        z = jsl.solve_triangular(RX, Mxy, lower=True)
+        # p is small: unrolled Cholesky/inverse (LAPACK calls become serial loops under vmap)
+        RX = chol_small(Mxx)
+        RXi = tril_inv_small(RX)
+        z = RXi @ Mxy
         logdet_x = 2.0 * jnp.sum(jnp.log(jnp.diagonal(RX)))
     else:
-        RX, z, logdet_x = Mxx, Mxy, jnp.zeros((), Mxx.dtype)
+        RX, RXi, z, logdet_x = Mxx, Mxx, Mxy, jnp.zeros((), Mxx.dtype)
     r2 = Myy - z @ z
-    out.update(RX=RX, z=z, r2=r2, logdet_z=logdet_z, logdet_x=logdet_x, Mxx=Mxx, Mxy=Mxy)
+    out.update(RX=RX, RXi=RXi, z=z, r2=r2, logdet_z=logdet_z, logdet_x=logdet_x, Mxx=Mxx, Mxy=Mxy)
     return out
 
 
@@ -165,9 +167,8 @@ def solve(theta, stats, layout: Layout, reml: bool):
     crit = criterion(f, n, p, reml)
     sigma2 = f["r2"] / (n - p if reml else n)
     if p:
-        RX = f["RX"]
-        beta = jsl.solve_triangular(RX.T, f["z"], lower=False)
-        RXi = jsl.solve_triangular(RX, jnp.eye(p, dtype=RX.dtype), lower=True)
+        RXi = f["RXi"]
+        beta = RXi.T @ f["z"]
         vcov = sigma2 * (RXi.T @ RXi)
         w1 = f["c1y"] - f["c1x"] @ beta
     else:
