@@ -38,6 +38,10 @@ from ._linalg import chol_inv, chol_small, tril_inv_small
 
 __all__ = ["Layout", "factorize", "objective", "solve"]
 
+#: fixed-effects counts up to this use the unrolled p × p Cholesky (fast under vmap,
+#: bigger programs); larger p uses LAPACK
+UNROLL_P = 3
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -132,8 +136,12 @@ def factorize(theta, stats, layout: Layout):
         out.update(K=K, L22=L22, L22i=L22i, c2x=c2x, c2y=c2y)
     if Mxx.shape[0]:
         # p is small: unrolled Cholesky/inverse (LAPACK calls become serial loops under vmap)
-        RX = chol_small(Mxx)
-        RXi = tril_inv_small(RX)
+        if Mxx.shape[0] <= UNROLL_P:
+            RX = chol_small(Mxx)
+            RXi = tril_inv_small(RX)
+        else:
+            RX = jnp.linalg.cholesky(Mxx)
+            RXi = jsl.solve_triangular(RX, jnp.eye(Mxx.shape[0], dtype=Mxx.dtype), lower=True)
         z = RXi @ Mxy
         logdet_x = 2.0 * jnp.sum(jnp.log(jnp.diagonal(RX)))
     else:
