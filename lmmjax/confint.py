@@ -37,14 +37,7 @@ __all__ = ["confint", "simulate", "varpar_names", "varpar_values"]
 # ------------------------------------------------------------ (sd, cor, σ) scale
 def _term_slots(layout: Layout):
     """For each θ entry: (term k, row i, col j) of its template position."""
-    slots = []
-    for k, s in enumerate(layout.structures):
-        if hasattr(s, "_tril"):
-            r, c = s._tril()
-        else:  # Diagonal
-            r = c = np.arange(s.q)
-        slots.extend((k, int(i), int(j)) for i, j in zip(r, c))
-    return slots
+    return [(k, i, j) for k, s in enumerate(layout.structures) for i, j in s.positions]
 
 
 def varpar_names(m) -> list[str]:

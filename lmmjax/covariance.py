@@ -9,6 +9,7 @@ A structure is a small frozen (hashable) object that knows
 
 * ``q`` and ``n_params``,
 * ``factor(params) -> T``: a pure, differentiable JAX function,
+* ``positions``: the (row, col) of T that each parameter fills,
 * ``init()``: starting values (lme4's: 1 on the diagonal, 0 elsewhere),
 * ``boundary``: indices of parameters that are variances-on-the-SD-scale,
   i.e. may legitimately sit at exactly 0 (a singular fit),
@@ -61,6 +62,11 @@ class Unstructured:
         return (r == c).astype(float)
 
     @property
+    def positions(self) -> list[tuple[int, int]]:
+        """(row, col) in T of each parameter."""
+        return list(zip(*(a.tolist() for a in self._tril())))
+
+    @property
     def boundary(self) -> np.ndarray:
         r, c = self._tril()
         return np.flatnonzero(r == c)
@@ -111,6 +117,10 @@ class Diagonal:
 
     def init(self) -> np.ndarray:
         return np.ones(self.q)
+
+    @property
+    def positions(self) -> list[tuple[int, int]]:
+        return [(i, i) for i in range(self.q)]
 
     @property
     def boundary(self) -> np.ndarray:

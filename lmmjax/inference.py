@@ -127,17 +127,11 @@ def satterthwaite_test(L, beta, C, J, A) -> dict:
 
 
 # ------------------------------------------------------------ Kenward-Roger
-def natural_parameters(theta: np.ndarray, sigma: float, layout: Layout) -> np.ndarray:
-    """φ: for each term the lower-triangle entries of Σ_k = σ²T_kT_kᵀ (lme4 order)
-    — only the free entries of the structure (diagonal for ``diag``) — then σ²."""
-    out = []
-    off = layout.theta_offsets
-    with jax.enable_x64(True):
-        for k, s in enumerate(layout.structures):
-            T = np.asarray(s.factor(jnp.asarray(theta[off[k] : off[k + 1]], jnp.float64)))
-            out.append(s.natural_from_cov(sigma**2 * T @ T.T))
-    out.append(np.array([sigma**2]))
-    return np.concatenate(out)
+def natural_parameters(Ts, sigma: float, layout: Layout) -> np.ndarray:
+    """φ: for each term the free entries of Σ_k = σ²T_kT_kᵀ (the structure's own
+    natural parameters, lme4 order), then σ².  ``Ts``: the fitted templates (numpy)."""
+    out = [s.natural_from_cov(sigma**2 * T @ T.T) for s, T in zip(layout.structures, Ts)]
+    return np.concatenate(out + [np.array([sigma**2])])
 
 
 def dense_crossproducts(stats: dict, layout: Layout) -> dict:
@@ -285,7 +279,7 @@ class InferenceMixin:
             raise ValueError("Kenward-Roger needs a REML fit (as in pbkrtest); refit with reml=True")
         c = self._inference_cache()
         if "kr" not in c:
-            phi = natural_parameters(self.theta, self.sigma, self.layout)
+            phi = natural_parameters(self._Ts, self.sigma, self.layout)
             with precision("float64"):
                 dense = to_device(dense_crossproducts(self.stats, self.layout), np.float64)
                 out = kr_derivatives(jax.device_put(phi), dense, self.layout)

@@ -165,7 +165,7 @@ def minimize_theta(stats, layout: Layout, reml: bool, theta0=None, maxiter: int 
         nonlocal iters, evals
         r = _run(th, stats, layout, reml, mi, gtol)
         iters += r["iterations"]
-        evals += r["evaluations"] + 4 * th.size + r["probes"].size
+        evals += r["evaluations"] + 2 * th.size + r["probes"].size  # + Hessian, probes
         return r
 
     r = run(theta, maxiter)
