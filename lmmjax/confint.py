@@ -29,7 +29,8 @@ import pandas as pd
 from ._compute import precision, to_device
 from ._dist import chi2_ppf, norm_ppf
 from ._linalg import chol_small
-from .likelihood import Layout, factorize
+from .inference import _unprofiled_criterion
+from .likelihood import Layout
 
 __all__ = ["confint", "simulate", "varpar_names", "varpar_values"]
 
@@ -91,15 +92,9 @@ def _theta_from_varpar(psi, layout: Layout):
 
 
 def _criterion_varpar(psi, stats, layout: Layout, reml: bool):
-    theta = _theta_from_varpar(psi, layout)
-    f = factorize(theta, stats, layout)
-    n = stats["n"]
-    s2 = psi[-1] ** 2
-    dev = f["logdet_z"] + f["r2"] / s2 + n * jnp.log(2 * math.pi * s2)
-    if reml:
-        p = stats["XX"].shape[-1]
-        dev = dev + f["logdet_x"] - p * jnp.log(2 * math.pi * s2)
-    return dev
+    """The unprofiled (θ, σ) criterion of :mod:`lmmjax.inference`, in (sd, cor, σ)."""
+    vp = jnp.concatenate([_theta_from_varpar(psi, layout), psi[-1:]])
+    return _unprofiled_criterion(vp, stats, layout, reml)[0]
 
 
 _vg_varpar = jax.jit(jax.value_and_grad(_criterion_varpar), static_argnames=("layout", "reml"))
