@@ -5,10 +5,6 @@ import numpy as np
 import pandas as pd
 
 
-def _fmt(x: float, digits: int = 4) -> str:
-    return f"{x:.{digits}g}" if np.isfinite(x) else "NaN"
-
-
 def _num(x: float) -> str:
     """4 significant digits without switching to exponent notation for ordinary sizes."""
     if x == 0 or not np.isfinite(x):
