@@ -18,10 +18,11 @@ def t_ppf(p, df):
 
 
 def f_sf(F, dfn, dfd):
-    """P(F > x) for the F(dfn, dfd) distribution (dfd = inf: χ²_dfn / dfn)."""
-    if np.isinf(dfd):
-        return float(sc.chdtrc(dfn, dfn * F))
-    return float(sc.fdtrc(dfn, dfd, F))
+    """P(F > x) for the F(dfn, dfd) distribution (dfd = inf: χ²_dfn / dfn); a float
+    for scalar input, else an array (broadcast)."""
+    F, dfn, dfd = np.broadcast_arrays(np.asarray(F, float), np.asarray(dfn, float), np.asarray(dfd, float))
+    out = np.where(np.isinf(dfd), sc.chdtrc(dfn, dfn * F), sc.fdtrc(dfn, np.where(np.isinf(dfd), 1.0, dfd), F))
+    return float(out) if out.ndim == 0 else out
 
 
 def chi2_sf(x, k):

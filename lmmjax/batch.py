@@ -2,23 +2,34 @@
 
 Responses that share X and Z share the design cross-products (ZᵀZ, ZᵀX, XᵀX,
 computed once); each response adds only Zᵀy, Xᵀy, yᵀy — one matrix product over
-the n × G response matrix.  After that, every per-response computation costs
-nothing in n.
+the n × G response matrix, read once, chunk by chunk.  A response with missing
+values (NaN) gets its own cross-products over its observed rows (mask-weighted
+sums, one sparse product for all such responses: :func:`~lmmjax.design.masked_design_stats`)
+and runs through the same compiled program with the design statistics mapped too.
+After that, every per-response computation costs nothing in n.
 
 The fit is a vmapped **damped Newton** on θ with the exact Hessian (θ has a handful
 of entries); each iteration tries a ladder of step lengths in parallel (no line-search
-loop, so responses do not wait for each other within an iteration) and keeps the best (a step that does not lower the criterion is not
-taken).  Where the Hessian is not positive definite it is shifted (Levenberg–
-Marquardt), and a step moves θ by at most 1.  The iterations stop when every response
-of the batch has converged (at most 50).  The θ = 0 trap is handled as in the single
-fit: the criterion is probed at inward points and at exactly 0 for every diagonal
-entry, the best point is taken, and the Newton iterations continue from there.
-(A vmapped L-BFGS with line-search loops ran in lockstep at the slowest response's
-pace: 11 ms per response on an 8-group random-slope design.)
+loop, so responses do not wait for each other within an iteration) and keeps the best
+(a step that does not lower the criterion is not taken).  Where the Hessian is not
+positive definite it is shifted (Levenberg–Marquardt), and a step moves θ by at most 1.
+The iterations stop when every response of the chunk has converged (at most 100).  The
+θ = 0 trap is handled as in the single fit: the criterion is probed at inward points
+and at exactly 0 for every diagonal entry, the best point is taken, and the Newton
+iterations continue from there.  The same program then evaluates β̂, Var(β̂) and the
+Satterthwaite derivatives (lmerTest's method, exact autodiff) for every response;
+Kenward-Roger pieces are a second vmapped program, run on demand.
+
+Chunks are sized to a memory budget, dispatched round-robin to every local device
+(GPUs, or CPU devices), or handed to a Dask cluster; one bad response (infinite
+values, a rank-deficient design on its observed rows, too few observations) gets an
+error message in ``res.errors`` and NaN results, never the others' results.
 """
 from __future__ import annotations
 
+import re
 import warnings
+from dataclasses import dataclass
 from functools import partial
 
 import jax
@@ -26,19 +37,23 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from ._compute import precision, to_device
-from ._dist import t_sf
-from .design import DataError, build_design, design_stats, response_stats
-from .inference import _satt_df_rows, _satterthwaite_program, vcov_varpar
+from ._compute import precision
+from ._dist import t_ppf, t_sf
 from ._linalg import chol_small, tril_inv_small
+from .design import DataError, build_design, design_stats, masked_design_stats
+from .inference import (_kr_pieces, _satt_df_rows, _satterthwaite_program, contrast_matrix, dense_crossproducts,
+                        kr_adjusted, kr_test, normalize_ddf, satterthwaite_test, vcov_varpar)
 from .likelihood import Layout, objective, solve
 from .optimize import SINGULAR_TOL, _probe_points
+from .responses import ResponseMatrix, _is_anndata, from_anndata
 
 __all__ = ["lmer_batch", "BatchResult"]
 
 STEP_LADDER = tuple(2.0 ** -np.arange(0, 12))
+DEFAULT_MAX_CHUNK = 4096
 
 
+# ---------------------------------------------------------------- compiled programs
 def _newton(theta, stats, layout: Layout, reml: bool, iters: int, free=None):
     """``iters`` damped Newton steps on the parameters where ``free`` is True."""
     f = partial(objective, stats=stats, layout=layout, reml=reml)
@@ -47,6 +62,7 @@ def _newton(theta, stats, layout: Layout, reml: bool, iters: int, free=None):
     ladder = jnp.asarray(STEP_LADDER, theta.dtype)
     free = jnp.ones(theta.shape, bool) if free is None else free
     fixed_eye = jnp.diag(jnp.where(free, 0.0, 1.0).astype(theta.dtype))
+    tiny = jnp.finfo(theta.dtype).eps
 
     def step(carry):
         th, it, _ = carry
@@ -59,9 +75,24 @@ def _newton(theta, stats, layout: Layout, reml: bool, iters: int, free=None):
         k = th.shape[0]
         eye = jnp.eye(k, dtype=th.dtype)
         scale = jnp.maximum(1.0, jnp.max(jnp.abs(H)))
-        pd = jnp.all(jnp.isfinite(chol_small(H))) & jnp.all(jnp.diagonal(chol_small(H)) > 1e-6 * jnp.sqrt(scale))
+        def is_pd(lam):
+            c = chol_small(H + lam * eye)
+            return jnp.all(jnp.isfinite(c)) & jnp.all(jnp.diagonal(c) > 1e-6 * jnp.sqrt(scale))
+
+        pd_ = is_pd(0.0)
         gersh = jnp.min(jnp.diagonal(H) - (jnp.sum(jnp.abs(H), axis=1) - jnp.abs(jnp.diagonal(H))))
-        shift = jnp.where(pd, 0.0, jnp.maximum(0.0, -gersh) + 1e-3 * scale)
+        # the smallest shift that makes H positive definite, by bisection between 0 and
+        # Gershgorin's (often loose) bound; a loose shift crawls along flat ridges
+        hi0 = jnp.maximum(0.0, -gersh) + 1e-3 * scale
+
+        def bisect(_, lohi):
+            lo, hi = lohi
+            mid = 0.5 * (lo + hi)
+            ok = is_pd(mid)
+            return jnp.where(ok, lo, mid), jnp.where(ok, mid, hi)
+
+        _, hi = jax.lax.fori_loop(0, 24, bisect, (jnp.zeros_like(hi0), hi0))
+        shift = jnp.where(pd_, 0.0, 1.5 * hi + 1e-6 * scale)
         Li = tril_inv_small(chol_small(H + shift * eye))
         d = Li.T @ (Li @ g)
         d = d / jnp.maximum(1.0, jnp.max(jnp.abs(d)))  # θ moves at most 1 per iteration
@@ -72,11 +103,12 @@ def _newton(theta, stats, layout: Layout, reml: bool, iters: int, free=None):
         # near the optimum a full Newton step cannot lower the criterion in floating
         # point; take it anyway when H is positive definite and nothing rises beyond
         # round-off (what the single fit's Newton polish does)
-        full_ok = (shift == 0.0) & (vals[0] <= v + 1e-12 * jnp.maximum(1.0, jnp.abs(v)))
+        rel = jnp.maximum(1.0, jnp.abs(v))
+        full_ok = (shift == 0.0) & (vals[0] <= v + 1e4 * tiny * rel)
         new = jnp.where(vals[j] < v, cand[j], th)
-        new = jnp.where(full_ok & ~(vals[j] < v - 1e-10 * jnp.maximum(1.0, jnp.abs(v))), cand[0], new)
+        new = jnp.where(full_ok & ~(vals[j] < v - 1e6 * tiny * rel), cand[0], new)
         # done: no move left, or a converged full Newton step
-        done = jnp.all(new == th) | (full_ok & (jnp.max(jnp.abs(g)) < 1e-11 * jnp.maximum(1.0, jnp.abs(v))))
+        done = jnp.all(new == th) | (full_ok & (jnp.max(jnp.abs(g)) < 1e5 * tiny * rel))
         return new, it + 1, done
 
     # under vmap the loop runs until every response is done (or ``iters``)
@@ -85,49 +117,148 @@ def _newton(theta, stats, layout: Layout, reml: bool, iters: int, free=None):
     return th
 
 
-@partial(jax.jit, static_argnames=("layout", "reml", "iters"))
-def batch_fit_program(theta0, dstats, rstats, layout: Layout, reml: bool, iters: int = 50):
-    """Fit every response (leading axis of ``rstats``); returns θ, criterion, gradient, Hessian."""
-    def one(r):
-        st = {**dstats, **r}
-        f = partial(objective, stats=st, layout=layout, reml=reml)
-        th = _newton(theta0, st, layout, reml, iters)
-        # boundary: inward probes and exact zeros; continue from the best point
-        pts = jnp.concatenate([th[None, :], _probe_points(th, layout)])
-        vals = jax.vmap(f)(pts)
-        th = pts[jnp.argmin(vals)]
-        th = _newton(th, st, layout, reml, 8)
-        # as the single fit: tiny diagonals become exactly 0 where that does not raise
-        # the criterion, then a Newton polish of the free parameters
-        free = jnp.ones(th.shape, bool)
-        for d in layout.boundary():
-            v0 = f(th)
-            z = th.at[d].set(0.0)
-            snap = (jnp.abs(th[d]) < 1e-3) & (f(z) <= v0 + 1e-12 * jnp.maximum(1.0, jnp.abs(v0)))
-            th = jnp.where(snap, z, th)
-            free = free.at[d].set(~snap)
-        th = _newton(th, st, layout, reml, 8, free)
-        v, g = jax.value_and_grad(f)(th)
-        return th, v, g, jax.hessian(f)(th)
-
-    return jax.vmap(one)(rstats)
+def _canonical(theta, layout: Layout):
+    """θ with non-negative template diagonals (T Tᵀ does not see column signs)."""
+    out, off = [], 0
+    for s in layout.structures:
+        t = theta[off: off + s.n_params]
+        rows, cols = (np.array(a, int) for a in zip(*s.positions))
+        T = jnp.zeros((s.q, s.q), t.dtype).at[rows, cols].set(t)
+        sign = jnp.where(jnp.diagonal(T) < 0, -1.0, 1.0).astype(t.dtype)
+        out.append((T * sign[None, :])[rows, cols])
+        off += s.n_params
+    return jnp.concatenate(out)
 
 
-@partial(jax.jit, static_argnames=("layout", "reml"))
-def batch_solve(theta, dstats, rstats, layout: Layout, reml: bool):
-    return jax.vmap(lambda th, r: solve(th, {**dstats, **r}, layout, reml))(theta, rstats)
+def _fit_one(theta0, st, layout: Layout, reml: bool, iters: int, satterthwaite: bool):
+    f = partial(objective, stats=st, layout=layout, reml=reml)
+    th = _newton(theta0, st, layout, reml, iters)
+    # boundary: inward probes and exact zeros; continue from the best point
+    pts = jnp.concatenate([th[None, :], _probe_points(th, layout)])
+    vals = jax.vmap(f)(pts)
+    th = pts[jnp.argmin(jnp.where(jnp.isfinite(vals), vals, jnp.inf))]
+    th = _newton(th, st, layout, reml, 8)
+    # as the single fit: tiny diagonals become exactly 0 where that does not raise
+    # the criterion, then a Newton polish of the free parameters
+    free = jnp.ones(th.shape, bool)
+    for d in layout.boundary():
+        v0 = f(th)
+        z = th.at[d].set(0.0)
+        snap = (jnp.abs(th[d]) < 1e-3) & (f(z) <= v0 + 1e4 * jnp.finfo(th.dtype).eps * jnp.maximum(1.0, jnp.abs(v0)))
+        th = jnp.where(snap, z, th)
+        free = free.at[d].set(~snap)
+    th = _canonical(_newton(th, st, layout, reml, 8, free), layout)
+    v, g = jax.value_and_grad(f)(th)
+    sol = solve(th, st, layout, reml)
+    out = dict(theta=th, criterion=v, grad=g, hess=jax.hessian(f)(th), beta=sol["beta"],
+               sigma2=sol["sigma2"], vcov=sol["vcov"])
+    if satterthwaite:
+        vp = jnp.concatenate([th, jnp.sqrt(sol["sigma2"])[None]])
+        out["satt_H"], out["satt_dM"], out["satt_M"] = _satterthwaite_program(vp, st, layout, reml)
+    return out
 
 
-@partial(jax.jit, static_argnames=("layout", "reml"))
-def batch_satterthwaite(vp, dstats, rstats, layout: Layout, reml: bool):
-    return jax.vmap(lambda v, r: _satterthwaite_program(v, {**dstats, **r}, layout, reml))(vp, rstats)
+@partial(jax.jit, static_argnames=("layout", "reml", "design_mapped", "iters", "satterthwaite"))
+def batch_fit_program(theta0, dstats, rstats, layout: Layout, reml: bool, design_mapped: bool = False,
+                      iters: int = 100, satterthwaite: bool = True):
+    """Fit every response (leading axis of ``rstats``, and of ``dstats`` when
+    ``design_mapped``): θ, criterion, gradient, Hessian, β̂, σ², Var(β̂) and the
+    Satterthwaite derivatives of each."""
+    one = lambda d, r: _fit_one(theta0, {**d, **r}, layout, reml, iters, satterthwaite)  # noqa: E731
+    return jax.vmap(one, in_axes=(0 if design_mapped else None, 0))(dstats, rstats)
 
 
+@partial(jax.jit, static_argnames=("layout", "design_mapped"))
+def batch_kr_program(theta, sigma, dense, layout: Layout, design_mapped: bool = False):
+    """Kenward-Roger pieces (M, ∂M, ∂²M, expected information) for every response,
+    in pbkrtest's natural parameters φ (entries of each Σ_k, then σ²)."""
+    def one(th, s, dn):
+        Ts = layout.factors(th)
+        phi = jnp.concatenate([st.natural_from_cov(s * s * T @ T.T) for st, T in zip(layout.structures, Ts)]
+                              + [(s * s)[None]])
+        m_of = lambda ph: _kr_pieces(ph, dn, layout)[0]  # noqa: E731
+        ld_of = lambda ph: _kr_pieces(ph, dn, layout)[1]  # noqa: E731
+        return (m_of(phi), jax.jacfwd(m_of)(phi), jax.jacfwd(jax.jacfwd(m_of))(phi),
+                -0.5 * jax.hessian(ld_of)(phi))
+
+    return jax.vmap(one, in_axes=(0, 0, 0 if design_mapped else None))(theta, sigma, dense)
+
+
+# ---------------------------------------------------------------- chunks
+@dataclass
+class _Chunk:
+    """Responses fitted together: their positions, and the statistics they need."""
+
+    idx: np.ndarray        # positions in the response list
+    dstats: dict           # design cross-products (leading axis when ``mapped``)
+    rstats: dict           # response cross-products (leading axis)
+    mapped: bool           # per-response design statistics (responses with missing values)
+
+    def padded(self, size: int):
+        """Statistics padded to ``size`` responses by repeating the last one (static shapes)."""
+        pad = size - len(self.idx)
+
+        def grow(a):
+            a = np.asarray(a)
+            return np.concatenate([a, np.repeat(a[-1:], pad, axis=0)]) if pad else a
+
+        d = {k: grow(v) for k, v in self.dstats.items()} if self.mapped else self.dstats
+        return d, {k: grow(v) for k, v in self.rstats.items()}
+
+
+def _take(stats: dict, rows) -> dict:
+    return {k: np.asarray(v)[rows] for k, v in stats.items()}
+
+
+def _parse_memory(x) -> float:
+    if isinstance(x, (int, float)):
+        return float(x)
+    m = re.fullmatch(r"\s*([\d.]+)\s*([kmgt]?i?b?)\s*", str(x).lower())
+    if not m:
+        raise ValueError(f"max_memory must be bytes or a string like '2GB', got {x!r}")
+    unit = m.group(2).rstrip("b").rstrip("i")
+    return float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}[unit]
+
+
+def _bytes_per_response(design, mapped: bool) -> float:
+    """Rough working set of one response in the fit program (float64)."""
+    lay = design.layout
+    l1, q1, p, qr = lay.n_levels[0], lay.q[0], design.p, lay.q_rest
+    k = lay.n_theta
+    per = l1 * q1 * (q1 + p + 2) + qr * (l1 * q1 + qr + p + 1) + p * p + k * k
+    work = 8.0 * per * (len(STEP_LADDER) + 4) * (2 * k + 2)
+    return work + (8.0 * per if mapped else 0.0)
+
+
+def _even_chunks(idx: np.ndarray, size: int) -> list[np.ndarray]:
+    """Split ``idx`` into the fewest chunks of at most ``size``, of (nearly) equal length."""
+    if len(idx) == 0:
+        return []
+    n_chunks = -(-len(idx) // size)
+    return np.array_split(idx, n_chunks)
+
+
+def _fit_chunk_arrays(theta0, dstats, rstats, layout, reml, mapped, dtype, device=None):
+    """Dispatch one chunk's program (asynchronously) on ``device``."""
+    put = (lambda a: jax.device_put(np.asarray(a, dtype), device))  # noqa: E731
+    d = {k: put(v) for k, v in dstats.items()}
+    r = {k: put(v) for k, v in rstats.items()}
+    return batch_fit_program(put(theta0), d, r, layout=layout, reml=reml, design_mapped=mapped)
+
+
+def _fit_chunk_task(theta0, dstats, rstats, layout, reml, mapped, dtype):
+    """A whole chunk fit, run where it is called (a Dask worker): numpy in, numpy out."""
+    with precision(dtype) as dt:
+        out = jax.device_get(_fit_chunk_arrays(theta0, dstats, rstats, layout, reml, mapped, dt))
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+# ---------------------------------------------------------------- results
 def _bh(p: np.ndarray) -> np.ndarray:
     """Benjamini–Hochberg adjusted p-values (NaN kept as NaN)."""
-    out = np.full_like(p, np.nan, dtype=float)
+    out = np.full(np.shape(p), np.nan, dtype=float)
     ok = np.isfinite(p)
-    q = p[ok]
+    q = np.asarray(p)[ok]
     m = q.size
     if m == 0:
         return out
@@ -140,132 +271,459 @@ def _bh(p: np.ndarray) -> np.ndarray:
     return out
 
 
-class BatchResult:
-    """Per-response results of :func:`lmer_batch` (Series/DataFrames indexed by response)."""
-
-    def __init__(self, design, dstats, rstats, names, theta, crit, grad, hess, sol, reml, Y, data, formula):
-        self.design, self.reml, self.names = design, reml, list(names)
-        self._dstats, self._rstats, self._Y, self._data, self._formula = dstats, rstats, Y, data, formula
-        idx = pd.Index(self.names, name="response")
-        self.theta = pd.DataFrame(theta, index=idx, columns=_theta_names(design))
-        self.sigma = pd.Series(np.sqrt(sol["sigma2"]), index=idx, name="sigma")
-        self.loglik = pd.Series(-0.5 * crit, index=idx, name="loglik")
-        self.fixef = pd.DataFrame(sol["beta"], index=idx, columns=design.xnames)
-        self._vcov = sol["vcov"]
-        self._grad, self._hess = grad, hess
-        b = design.layout.boundary()
-        self.is_singular = pd.Series(np.any(theta[:, b] < SINGULAR_TOL, axis=1), index=idx, name="singular")
-        self.converged = pd.Series(self._converged(theta, grad, hess), index=idx, name="converged")
-        self._satt = None
-
-    def _converged(self, theta, grad, hess):
-        free = np.ones_like(theta, bool)
-        b = self.design.layout.boundary()
-        free[:, b] = theta[:, b] > 0
-        gmax = np.max(np.where(free, np.abs(grad), 0.0), axis=1, initial=0.0)
-        ok = gmax < 1e-3
-        for i in range(theta.shape[0]):
-            f = free[i]
-            if f.any():
-                ok[i] &= bool(np.all(np.linalg.eigvalsh(hess[i][np.ix_(f, f)]) > 0))
-        return ok
-
-    def _satterthwaite(self):
-        if self._satt is None:
-            vp = np.c_[self.theta.to_numpy(), self.sigma.to_numpy()]
-            with precision():
-                H, dM, M = jax.device_get(batch_satterthwaite(
-                    jax.device_put(vp), self._dstats, self._rstats, layout=self.design.layout, reml=self.reml))
-            sig = self.sigma.to_numpy()
-            Minv = np.linalg.inv(M)
-            J = -(sig**2)[:, None, None, None] * np.einsum("gab,gbci,gcd->gadi", Minv, dM, Minv)
-            J[..., -1] = 2 * sig[:, None, None] * Minv
-            A = np.stack([vcov_varpar(h) for h in H])
-            self._satt = (J, A)
-        return self._satt
-
-    def coef_table(self, coef: str, ddf: str = "satterthwaite") -> pd.DataFrame:
-        """One coefficient (name, or a single-column model term) for every response:
-        estimate, se, df, t, p, p_adj (Benjamini–Hochberg), converged, singular."""
-        names = list(self.fixef.columns)
-        if coef not in names:
-            cand = [n for n in names if n.startswith(coef)]
-            if len(cand) != 1:
-                raise ValueError(f"{coef!r} is not a coefficient {names} (or a term with exactly one)")
-            coef = cand[0]
-        j = names.index(coef)
-        est = self.fixef[coef].to_numpy()
-        se = np.sqrt(self._vcov[:, j, j])
-        ddf = ddf.lower()
-        if ddf == "satterthwaite":
-            J, A = self._satterthwaite()
-            L = np.eye(len(names))[[j]]
-            df = np.array([_satt_df_rows(L, self._vcov[g], J[g], A[g])[0] for g in range(len(est))])
-        elif ddf in ("asymptotic", "z"):
-            df = np.full(est.shape, np.inf)
-        elif ddf == "residual":
-            df = np.full(est.shape, float(self.design.n - len(names)))
-        else:
-            raise ValueError("lmer_batch supports ddf='satterthwaite', 'residual' or 'asymptotic' so far")
-        t = est / se
-        p = 2 * t_sf(np.abs(t), df)
-        return pd.DataFrame({"estimate": est, "se": se, "df": df, "t": t, "p": p, "p_adj": _bh(p),
-                             "converged": self.converged.to_numpy(), "singular": self.is_singular.to_numpy()},
-                            index=self.fixef.index)
-
-    def __getitem__(self, name):
-        """The full single-model result for one response (refitted with :func:`lmmjax.lmer`)."""
-        from .model import lmer
-
-        i = self.names.index(name)
-        resp = self.design.response_name or "_response_"
-        data = self._data.assign(**{resp: self._Y[:, i]}) if len(self._data) == self._Y.shape[0] else None
-        if data is None:
-            raise DataError("cannot rebuild the data of this response")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return lmer(f"{resp} ~ {self._formula.split('~', 1)[1]}", data, reml=self.reml)
-
-
 def _theta_names(design) -> list[str]:
     """lme4's ``theta_names``: ``<group>.<coef>`` / ``<group>.<coef2>.<coef1>``."""
     return [f"{b.group}.{n}" for b in design.blocks for n in b.structure.param_names(b.colnames)]
 
 
-def lmer_batch(formula: str, data: pd.DataFrame, responses, reml: bool = True, names=None) -> BatchResult:
-    """Fit ``formula`` (``"~ condition + (1 | donor)"``, no response) to every column of
-    ``responses`` (n × G array or DataFrame whose columns are the response names).
+class BatchResult:
+    """Per-response results of :func:`lmer_batch` (Series/DataFrames indexed by response).
 
-    The design must be complete (no missing values in the covariates); responses must be
-    finite (per-response missing values are not supported yet).
+    Attributes: ``fixef``, ``theta`` (DataFrames), ``sigma``, ``loglik``, ``nobs``,
+    ``converged``, ``is_singular``, ``errors`` (Series); ``vcov`` (G × p × p array);
+    methods ``coef_table``, ``test``, ``anova``, ``varcorr``, ``to_anndata`` and
+    ``res[name]`` for the full single-model result of one response.
     """
-    if isinstance(responses, pd.DataFrame):
-        names = list(responses.columns) if names is None else names
-        Y = responses.to_numpy(dtype=float)
+
+    def __init__(self, design, responses: ResponseMatrix, data, formula, reml, dtype, chunks, fit, errors):
+        self.design, self.reml, self.dtype = design, reml, dtype
+        self.names = list(responses.names)
+        self._responses, self._data, self._formula, self._chunks = responses, data, formula, chunks
+        idx = pd.Index(self.names, name="response")
+        theta = fit["theta"]
+        self.theta = pd.DataFrame(theta, index=idx, columns=_theta_names(design))
+        self.sigma = pd.Series(np.sqrt(fit["sigma2"]), index=idx, name="sigma")
+        self.loglik = pd.Series(-0.5 * fit["criterion"], index=idx, name="loglik")
+        self.fixef = pd.DataFrame(fit["beta"], index=idx, columns=design.xnames)
+        self.nobs = pd.Series(fit["nobs"], index=idx, name="nobs")
+        self.vcov = fit["vcov"]
+        self.errors = pd.Series(errors, index=idx, name="error", dtype=object)
+        ok = self.errors.isna().to_numpy()
+        b = design.layout.boundary()
+        self.is_singular = pd.Series(ok & np.any(np.nan_to_num(theta[:, b], nan=1.0) < SINGULAR_TOL, axis=1),
+                                     index=idx, name="singular")
+        self.converged = pd.Series(ok & self._converged(theta, fit["grad"], fit["hess"]), index=idx,
+                                   name="converged")
+        self._fit = fit
+        self._satt = None
+        self._kr = None
+
+    def __len__(self):
+        return len(self.names)
+
+    def __repr__(self):
+        n_err = int(self.errors.notna().sum())
+        return (f"<BatchResult: {len(self)} responses of {self._formula!r} ({'REML' if self.reml else 'ML'}); "
+                f"{int(self.converged.sum())} converged, {int(self.is_singular.sum())} singular, {n_err} failed>")
+
+    def _converged(self, theta, grad, hess):
+        """max |gradient| over free parameters < 1e-3 and a positive definite Hessian there."""
+        b = self.design.layout.boundary()
+        free = np.ones_like(theta, bool)
+        free[:, b] = theta[:, b] > 0
+        gmax = np.max(np.where(free, np.abs(np.nan_to_num(grad, nan=np.inf)), 0.0), axis=1, initial=0.0)
+        k = theta.shape[1]
+        Hf = np.where(free[:, :, None] & free[:, None, :], np.nan_to_num(hess), 0.0)
+        Hf = Hf + np.where(free, 0.0, 1.0)[:, :, None] * np.eye(k)
+        return (gmax < 1e-3) & np.all(np.linalg.eigvalsh(Hf) > 0, axis=1)
+
+    # ------------------------------------------------------------ inference pieces
+    def _satterthwaite(self):
+        """(C, J, A) for every response: Var(β̂), its Jacobian in (θ, σ), Var(θ̂, σ̂)."""
+        if self._satt is None:
+            f = self._fit
+            sig = np.sqrt(f["sigma2"])
+            M, dM = f["satt_M"], f["satt_dM"]
+            with np.errstate(invalid="ignore"):
+                Minv = np.linalg.inv(np.where(np.isfinite(M), M, np.eye(M.shape[-1])))
+            J = -(sig**2)[:, None, None, None] * np.einsum("gab,gbci,gcd->gadi", Minv, dM, Minv)
+            J[..., -1] = 2 * sig[:, None, None] * Minv
+            A = vcov_varpar(np.nan_to_num(f["satt_H"]))
+            self._satt = (self.vcov, J, A)
+        return self._satt
+
+    def _kenward_roger(self):
+        """(Φ, Φ_A, W, P) for every response (pbkrtest's vcovAdj pieces), computed chunk
+        by chunk with one vmapped program."""
+        if not self.reml:
+            raise ValueError("Kenward-Roger needs a REML fit (as in pbkrtest); refit with reml=True")
+        if self._kr is None:
+            G, p = len(self), self.design.p
+            k = sum(s.n_natural for s in self.design.layout.structures) + 1
+            out = [np.full((G, p, p), np.nan), np.full((G, p, p), np.nan), np.full((G, k, k), np.nan),
+                   np.full((G, k, p, p), np.nan)]
+            theta, sigma = self.theta.to_numpy(), self.sigma.to_numpy()
+            lay = self.design.layout
+            with precision(self.dtype) as dt:
+                for ch in self._chunks:
+                    dense = _dense_batch(ch.dstats, lay) if ch.mapped else dense_crossproducts(ch.dstats, lay)
+                    dense = {k_: jax.device_put(np.asarray(v, dt)) for k_, v in dense.items()}
+                    res = batch_kr_program(jax.device_put(theta[ch.idx].astype(dt)),
+                                           jax.device_put(sigma[ch.idx].astype(dt)), dense,
+                                           layout=lay, design_mapped=ch.mapped)
+                    pieces = kr_adjusted(*jax.device_get(res))
+                    for o, v in zip(out, pieces):
+                        o[ch.idx] = v
+            self._kr = tuple(out)
+        return self._kr
+
+    def _coef_index(self, coef: str) -> int:
+        names = list(self.fixef.columns)
+        if coef in names:
+            return names.index(coef)
+        from .contrasts import type3_contrasts
+
+        L3 = type3_contrasts(self.design)
+        if coef in L3 and L3[coef].shape[0] == 1 and np.count_nonzero(L3[coef]) == 1:
+            return int(np.flatnonzero(L3[coef][0])[0])
+        if coef in L3:
+            raise ValueError(f"term {coef!r} has {L3[coef].shape[0]} coefficients; use res.anova({coef!r}) "
+                             f"for its F test, or name one coefficient of {names}")
+        raise ValueError(f"{coef!r} is neither a coefficient {names} nor a model term {sorted(L3)}")
+
+    def coef_table(self, coef: str, ddf: str = "satterthwaite", level: float = 0.95) -> pd.DataFrame:
+        """One coefficient (its name, or a one-coefficient model term such as
+        ``"condition"``) for every response: estimate, se, df, t, p, p_adj
+        (Benjamini–Hochberg over the responses), lower/upper CI, converged, singular.
+        ddf: "satterthwaite" (lmerTest), "kenward-roger" (pbkrtest: adjusted SE and df),
+        "residual" (n − p), "asymptotic" (z)."""
+        j = self._coef_index(coef)
+        ddf = normalize_ddf(ddf)
+        est = self.fixef.iloc[:, j].to_numpy()
+        L = np.eye(self.design.p)[[j]]
+        if ddf == "kenward-roger":
+            Phi, PhiA, W, Pk = self._kenward_roger()
+            se = np.sqrt(PhiA[:, j, j])
+            with np.errstate(invalid="ignore", divide="ignore"):
+                df = kr_test(L, np.nan_to_num(self.fixef.to_numpy()), *map(np.nan_to_num, (Phi, PhiA, W, Pk)))["den_df"]
+        else:
+            se = np.sqrt(self.vcov[:, j, j])
+            if ddf == "satterthwaite":
+                C, J, A = self._satterthwaite()
+                df = _satt_df_rows(L, C, J, A)[:, 0]
+            elif ddf == "residual":
+                df = self.nobs.to_numpy() - self.design.p
+            else:
+                df = np.full(est.shape, np.inf)
+        bad = self.errors.notna().to_numpy()
+        df = np.where(bad, np.nan, df)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            t = est / se
+            p = 2 * t_sf(np.abs(t), df)
+            crit = t_ppf(0.5 + level / 2, df)
+        return pd.DataFrame({"estimate": est, "se": se, "df": df, "t": t, "p": p, "p_adj": _bh(p),
+                             "lower": est - crit * se, "upper": est + crit * se,
+                             "converged": self.converged.to_numpy(), "singular": self.is_singular.to_numpy()},
+                            index=self.fixef.index)
+
+    def test(self, L, ddf: str = "satterthwaite") -> pd.DataFrame:
+        """F test of Lβ = 0 for every response (lmerTest's ``contest``; with
+        ddf="kenward-roger", pbkrtest's scaled F).  L: a matrix, a coefficient name or
+        list of names, a {coefficient: weight} dict, or a model term (type III)."""
+        Lm = contrast_matrix(L, list(self.fixef.columns), self.design)
+        ddf = normalize_ddf(ddf)
+        beta = np.nan_to_num(self.fixef.to_numpy())
+        with np.errstate(invalid="ignore", divide="ignore"):
+            if ddf == "satterthwaite":
+                C, J, A = self._satterthwaite()
+                out = satterthwaite_test(Lm, beta, np.nan_to_num(C), np.nan_to_num(J), A)
+            elif ddf == "kenward-roger":
+                out = kr_test(Lm, beta, *map(np.nan_to_num, self._kenward_roger()))
+                out.pop("F_scaling")
+            else:
+                from ._dist import f_sf
+
+                q = int(np.linalg.matrix_rank(Lm))
+                Lb = beta @ Lm.T
+                V = np.einsum("ai,gij,bj->gab", Lm, np.nan_to_num(self.vcov), Lm)
+                V = V + np.where(self.errors.notna().to_numpy(), 1.0, 0.0)[:, None, None] * np.eye(len(Lm))
+                F = np.einsum("ga,ga->g", Lb, np.linalg.solve(V, Lb[..., None])[..., 0]) / q
+                den = np.full(F.shape, np.inf) if ddf == "asymptotic" else self.nobs.to_numpy() - self.design.p
+                out = dict(F=F, num_df=np.full(F.shape, q), den_df=den, p=f_sf(F, q, den))
+        tab = pd.DataFrame(out, index=self.fixef.index)
+        bad = self.errors.notna().to_numpy()
+        tab.loc[bad, ["F", "den_df", "p"]] = np.nan
+        tab["p_adj"] = _bh(tab["p"].to_numpy())
+        return tab
+
+    def anova(self, term: str | None = None, type: int | str = 3, ddf: str = "satterthwaite") -> pd.DataFrame:
+        """F tests of model terms for every response (lmerTest's ``anova``): for one
+        ``term``, a table indexed by response (F, num_df, den_df, p, p_adj); for all
+        terms, a long table indexed by (term, response)."""
+        from .contrasts import type1_contrasts, type3_contrasts
+
+        kind = str(type).upper().replace("TYPE", "").strip()
+        if kind not in ("1", "I", "3", "III"):
+            raise ValueError(f"type must be 1 or 3, got {type!r}")
+        Ls = (type3_contrasts if kind in ("3", "III") else type1_contrasts)(self.design)
+        if term is not None:
+            if term not in Ls:
+                raise ValueError(f"{term!r} is not a model term; terms are {list(Ls)}")
+            return self.test(Ls[term], ddf=ddf)
+        return pd.concat({t: self.test(L, ddf=ddf) for t, L in Ls.items()}, names=["term"])
+
+    def varcorr(self) -> pd.DataFrame:
+        """Variance components of every response, long format like
+        ``as.data.frame(VarCorr(fit))``: response, group, term1, term2, vcov, sdcor."""
+        theta, s2 = self.theta.to_numpy(), self.sigma.to_numpy() ** 2
+        lay, frames, off = self.design.layout, [], 0
+        for b, s in zip(self.design.blocks, lay.structures):
+            t = theta[:, off: off + s.n_params]
+            off += s.n_params
+            rows, cols = (np.array(a, int) for a in zip(*s.positions))
+            T = np.zeros((len(self), s.q, s.q))
+            T[:, rows, cols] = t
+            S = s2[:, None, None] * T @ np.swapaxes(T, 1, 2)
+            sd = np.sqrt(np.maximum(np.diagonal(S, axis1=1, axis2=2), 0.0))
+            for i, nm in enumerate(b.colnames):
+                frames.append(pd.DataFrame({"group": b.group, "term1": nm, "term2": None,
+                                            "vcov": S[:, i, i], "sdcor": sd[:, i]}, index=self.theta.index))
+            for j in range(s.q if s.correlated else 0):
+                for i in range(j + 1, s.q):
+                    with np.errstate(invalid="ignore", divide="ignore"):
+                        cor = np.where(sd[:, i] * sd[:, j] > 0, S[:, i, j] / (sd[:, i] * sd[:, j]), np.nan)
+                    frames.append(pd.DataFrame({"group": b.group, "term1": b.colnames[j], "term2": b.colnames[i],
+                                                "vcov": S[:, i, j], "sdcor": cor}, index=self.theta.index))
+        frames.append(pd.DataFrame({"group": "Residual", "term1": None, "term2": None, "vcov": s2,
+                                    "sdcor": np.sqrt(s2)}, index=self.theta.index))
+        return pd.concat(frames).reset_index()
+
+    def to_anndata(self, adata, coef: str, ddf: str = "satterthwaite", key: str = "lmmjax"):
+        """Write the coefficient table into ``adata.varm[key]`` (rows aligned with
+        ``adata.var_names``) and the model description into ``adata.uns[key]``."""
+        tab = self.coef_table(coef, ddf=ddf)
+        names = list(map(str, adata.var_names))
+        if set(names) != set(tab.index):
+            raise DataError("adata.var_names are not the responses of this result")
+        adata.varm[key] = tab.reindex(names).set_axis(adata.var_names).astype(float)
+        adata.uns[key] = dict(formula=self._formula, reml=self.reml, coef=str(tab.index.name or coef),
+                              coefficient=coef, ddf=normalize_ddf(ddf), columns=list(tab.columns))
+        return adata
+
+    def __getitem__(self, name):
+        """The full single-model result for one response (refitted with :func:`lmmjax.lmer`
+        on that response's observed rows)."""
+        from .model import lmer
+
+        try:
+            i = self.names.index(name)
+        except ValueError:
+            raise KeyError(f"no response named {name!r}") from None
+        resp = self.design.response_name or "_response_"
+        data = self._data.assign(**{resp: self._responses.column(i)})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return lmer(f"{resp} ~ {self._formula.split('~', 1)[1]}", data, reml=self.reml, dtype=self.dtype)
+
+
+def _dense_batch(dstats: dict, layout: Layout) -> dict:
+    """:func:`~lmmjax.inference.dense_crossproducts` for per-response design statistics."""
+    G = len(np.asarray(dstats["n"]))
+    parts = [dense_crossproducts({k: np.asarray(v)[g] for k, v in dstats.items()}, layout) for g in range(G)]
+    return {k: np.stack([np.asarray(p_[k]) for p_ in parts]) for k in parts[0]}
+
+
+# ---------------------------------------------------------------- checks on masked responses
+def _masked_problems(design, ds: dict) -> np.ndarray:
+    """Why a response with missing values cannot be fitted (None where it can): lme4's
+    level-count rules on its observed rows, and a full-rank X there."""
+    G = len(ds["n"])
+    msg = np.full(G, None, object)
+    nobs = ds["n"]
+    p = design.p
+    XX = ds["XX"]
+    scale = np.maximum(np.max(np.abs(np.diagonal(XX, axis1=1, axis2=2)), axis=1), 1e-300)
+    ev = np.linalg.eigvalsh(XX / scale[:, None, None])
+    lev = [(design.blocks[0], np.einsum("glaa->gl", ds["D1"]) > 0)]
+    if len(design.blocks) > 1:
+        diag = np.diagonal(ds["ZrZr"], axis1=1, axis2=2)
+        start = 0
+        for b in design.blocks[1:]:
+            w = b.n_levels * b.q
+            lev.append((b, diag[:, start: start + w].reshape(G, b.n_levels, b.q).sum(axis=2) > 0))
+            start += w
+    for g in range(G):
+        if nobs[g] <= p:
+            msg[g] = f"only {int(nobs[g])} observed value(s) for {p} fixed-effects coefficients"
+        elif ev[g, 0] <= 1e-10 * ev[g, -1]:
+            msg[g] = (f"the fixed-effects columns are linearly dependent on its {int(nobs[g])} observed rows "
+                      "(e.g. a level of a factor has no observations)")
+        else:
+            for b, seen in lev:
+                nl = int(seen[g].sum())
+                if nl < 2:
+                    msg[g] = f"grouping factor {b.group!r} has {nl} observed level(s); it needs at least 2"
+                elif nl >= nobs[g]:
+                    msg[g] = (f"number of observed levels of {b.group!r} ({nl}) must be less than the "
+                              f"number of observations ({int(nobs[g])})")
+                elif nl * b.q >= nobs[g]:
+                    msg[g] = (f"number of observations ({int(nobs[g])}) <= number of random effects "
+                              f"({nl * b.q}) for term {b.term}")
+                if msg[g]:
+                    break
+    return msg
+
+
+# ---------------------------------------------------------------- driver
+def _progress_bar(total, enabled):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is a dependency; be robust anyway
+        return None
+    return tqdm(total=total, unit="resp", desc="lmer_batch", smoothing=0.1)
+
+
+def lmer_batch(formula: str, data=None, responses=None, reml: bool = True, *, names=None, layer=None,
+               dtype: str = "float64", chunk_size: int | None = None, max_memory="2GB",
+               progress: bool = True, devices=None, client=None) -> BatchResult:
+    """Fit one linear mixed model to every response of a matrix.
+
+    ``formula`` has no response: ``"~ condition + (1 | donor)"``.  ``data``: the
+    covariates (pandas DataFrame, n rows), or an AnnData object (covariates from
+    ``.obs``, responses from ``.X`` or ``.layers[layer]``, names from ``.var_names``).
+    ``responses``: n × G numpy array, DataFrame (columns = names), scipy.sparse matrix
+    (never densified whole) or AnnData.  NaN marks a missing value of one response:
+    that response is fitted on its observed rows (as lme4 with na.omit would).
+
+    Chunks of at most ``chunk_size`` responses (default: what fits ``max_memory``, at
+    most 4096) are fitted by one vmapped program each, round-robin over ``devices``
+    (default: every local device of JAX's default backend), or as tasks of a Dask
+    ``client``.  ``progress`` shows a tqdm bar (responses/s, ETA).  ``dtype="float32"``
+    trades accuracy for speed on GPUs (see benchmarks/README.md for its measured error).
+
+    Returns a :class:`BatchResult`.
+    """
+    if _is_anndata(data):
+        if responses is not None and not _is_anndata(responses):
+            raise DataError("give either an AnnData object or data= plus responses=, not both")
+        data, Y, anames = from_anndata(data, layer)
+        names = anames if names is None else names
+    elif _is_anndata(responses):
+        obs, Y, anames = from_anndata(responses, layer)
+        data = obs if data is None else data
+        names = anames if names is None else names
     else:
-        Y = np.asarray(responses, dtype=float)
-    if Y.ndim != 2:
-        raise DataError(f"responses must be a 2-D (n × G) array, got shape {Y.shape}")
-    if Y.shape[0] != len(data):
-        raise DataError(f"responses have {Y.shape[0]} rows but data has {len(data)}; they must match row by row")
-    names = [f"y{i}" for i in range(Y.shape[1])] if names is None else list(names)
+        Y = responses
+    if data is None or Y is None:
+        raise DataError("lmer_batch needs covariates (data=) and responses (responses=)")
+    if not isinstance(data, pd.DataFrame):
+        raise DataError(f"data must be a pandas DataFrame or AnnData, got {type(data).__name__}")
+    R = ResponseMatrix(Y, names)
+    if R.n != len(data):
+        raise DataError(f"responses have {R.n} rows but data has {len(data)}; they must match row by row")
     rhs = formula.split("~", 1)[-1]
+    if "_response_" in data.columns:
+        raise DataError("data must not have a column named '_response_' (lmer_batch uses that name)")
     design = build_design("_response_ ~" + rhs, data.assign(_response_=0.0))
     if design.n != len(data):
-        raise DataError(f"{len(data) - design.n} rows of data have missing covariates; drop them first")
-    bad = ~np.all(np.isfinite(Y), axis=0)
-    if bad.any():
-        raise DataError(f"{int(bad.sum())} response(s) have missing/non-finite values (e.g. {names[int(np.flatnonzero(bad)[0])]!r}); "
-                        "per-response missing values are not supported yet")
-    ds = design_stats(design)
-    rs = response_stats(design, Y)
+        raise DataError(f"{len(data) - design.n} rows of data have missing covariates; drop those rows from "
+                        "data and responses first")
     layout = design.layout
-    with precision():
-        dst, rst = to_device(ds, np.float64), to_device(rs, np.float64)
-        theta0 = jax.device_put(layout.init_theta())
-        theta, crit, grad, hess = jax.device_get(batch_fit_program(theta0, dst, rst, layout=layout, reml=reml))
-        theta = np.stack([layout.canonical(t) for t in theta])
-        sol = jax.device_get(batch_solve(jax.device_put(theta), dst, rst, layout=layout, reml=reml))
-    sol = {k: np.asarray(v) for k, v in sol.items() if k != "Ts"}
-    return BatchResult(design, dst, rst, names, theta, np.asarray(crit), np.asarray(grad), np.asarray(hess),
-                       sol, reml, Y, data, formula)
+    dtype = str(np.dtype(dtype))
+    budget = _parse_memory(max_memory)
+
+    # ---- one pass over the responses: their cross-products (and masks)
+    G, n = R.G, R.n
+    errors = np.full(G, None, object)
+    ds_shared = design_stats(design)
+    read = max(1, min(G, int(budget / (3 * 8.0 * n))))
+    shared_idx, shared_stats, masked_idx, masked_r, masked_d = [], [], [], [], []
+    for start in range(0, G, read):
+        cols = np.arange(start, min(G, start + read))
+        ch = R.chunk_stats(design, cols)
+        errors[cols] = ch["bad"]
+        ok = np.array([b is None for b in ch["bad"]])
+        full = ok & ~ch["masked"]
+        shared_idx.append(cols[full])
+        shared_stats.append(_take(ch["stats"], full))
+        if ch["masked"].any():
+            mk = ch["masked"]
+            dsm = masked_design_stats(design, ch["mask"][:, mk])
+            prob = _masked_problems(design, dsm)
+            good = np.array([m is None for m in prob])
+            errors[cols[mk]] = prob
+            masked_idx.append(cols[mk][good])
+            masked_r.append(_take(_take(ch["stats"], mk), good))
+            masked_d.append(_take(dsm, good))
+
+    def cat(parts):
+        return {k: np.concatenate([p_[k] for p_ in parts]) for k in parts[0]} if parts else {}
+
+    shared_idx = np.concatenate(shared_idx) if shared_idx else np.zeros(0, int)
+    sh_r = cat(shared_stats)
+    chunks: list[_Chunk] = []
+    size = chunk_size or max(1, min(DEFAULT_MAX_CHUNK, int(budget / _bytes_per_response(design, False))))
+    for part in _even_chunks(np.arange(len(shared_idx)), size):
+        chunks.append(_Chunk(shared_idx[part], ds_shared, _take(sh_r, part), False))
+    if masked_idx:
+        m_idx = np.concatenate(masked_idx)
+        m_r, m_d = cat(masked_r), cat(masked_d)
+        msize = chunk_size or max(1, min(DEFAULT_MAX_CHUNK, int(budget / _bytes_per_response(design, True))))
+        for part in _even_chunks(np.arange(len(m_idx)), msize):
+            chunks.append(_Chunk(m_idx[part], _take(m_d, part), _take(m_r, part), True))
+
+    # ---- fit the chunks
+    k, p = layout.n_theta, design.p
+    fit = dict(theta=np.full((G, k), np.nan), criterion=np.full(G, np.nan), grad=np.full((G, k), np.nan),
+               hess=np.full((G, k, k), np.nan), beta=np.full((G, p), np.nan), sigma2=np.full(G, np.nan),
+               vcov=np.full((G, p, p), np.nan), satt_H=np.full((G, k + 1, k + 1), np.nan),
+               satt_dM=np.full((G, p, p, k + 1), np.nan), satt_M=np.full((G, p, p), np.nan),
+               nobs=np.full(G, float(n)))
+    theta0 = layout.init_theta()
+    bar = _progress_bar(G, progress)
+    if bar is not None and (errors != None).any():  # noqa: E711
+        bar.update(int((errors != None).sum()))  # noqa: E711
+
+    def store(ch, out):
+        m = len(ch.idx)
+        for key_, v in out.items():
+            fit[key_][ch.idx] = np.asarray(v)[:m]
+        if ch.mapped:
+            fit["nobs"][ch.idx] = np.asarray(ch.dstats["n"])
+        if bar is not None:
+            bar.update(m)
+
+    # equal-length chunks of a kind share one compiled program: pad to the kind's largest
+    pad_to = {}
+    for ch in chunks:
+        pad_to[ch.mapped] = max(pad_to.get(ch.mapped, 0), len(ch.idx))
+    try:
+        if client is not None:
+            futures = {}
+            for ch in chunks:
+                d, r = ch.padded(pad_to[ch.mapped])
+                fut = client.submit(_fit_chunk_task, theta0, d, r, layout, reml, ch.mapped, dtype, pure=False)
+                futures[fut] = ch
+            from dask.distributed import as_completed
+
+            for fut in as_completed(list(futures)):
+                store(futures[fut], fut.result())
+        else:
+            devs = _devices(devices)
+            with precision(dtype) as dt:
+                pending = []
+                for i, ch in enumerate(chunks):
+                    d, r = ch.padded(pad_to[ch.mapped])
+                    pending.append((ch, _fit_chunk_arrays(theta0, d, r, layout, reml, ch.mapped, dt,
+                                                          devs[i % len(devs)])))
+                    if len(pending) >= len(devs):   # one chunk in flight per device
+                        c0, o0 = pending.pop(0)
+                        store(c0, jax.device_get(o0))
+                for c0, o0 in pending:
+                    store(c0, jax.device_get(o0))
+    finally:
+        if bar is not None:
+            bar.close()
+    failed = np.isnan(fit["criterion"]) & np.array([e is None for e in errors])
+    errors[failed] = "numerical failure in the fit (non-finite criterion)"
+    return BatchResult(design, R, data, formula, reml, dtype, chunks, fit, errors)
+
+
+def _devices(devices):
+    if devices is None:
+        return jax.local_devices()
+    if isinstance(devices, (list, tuple)):
+        return list(devices)
+    return [devices]

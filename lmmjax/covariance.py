@@ -93,7 +93,7 @@ class Unstructured:
 
     def natural_from_cov(self, Sigma: np.ndarray) -> np.ndarray:
         r, c = self._tril()
-        return np.asarray(Sigma)[r, c]
+        return Sigma[..., r, c]  # numpy or JAX arrays alike
 
     def cov_from_natural(self, phi):
         r, c = self._tril()
@@ -137,7 +137,8 @@ class Diagonal:
         return self.q
 
     def natural_from_cov(self, Sigma: np.ndarray) -> np.ndarray:
-        return np.diag(np.asarray(Sigma)).copy()
+        i = np.arange(self.q)
+        return Sigma[..., i, i]  # numpy or JAX arrays alike
 
     def cov_from_natural(self, phi):
         return jnp.diag(phi)

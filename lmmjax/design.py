@@ -361,3 +361,49 @@ def response_stats(design: Design, Y: np.ndarray) -> dict:
     if Y.ndim == 1:
         out = {k: v[0] for k, v in out.items()}
     return out
+
+
+def _row_cross(ca, va, cb, vb, width_b, width, M):
+    """Σ_i M[i, g] · (a_i ⊗ b_i) for every column g of the 0/1 mask ``M`` (n × G), where
+    row i of a (b) has its nonzeros ``va[i]`` (``vb[i]``) at columns ``ca[i]`` (``cb[i]``).
+    One sparse (n × width) matrix and one product: shape (G, width)."""
+    n = ca.shape[0]
+    cols = (ca[:, :, None] * width_b + cb[:, None, :]).reshape(n, -1)
+    vals = (va[:, :, None] * vb[:, None, :]).reshape(n, -1)
+    rows = np.repeat(np.arange(n), cols.shape[1])
+    W = sp.csr_matrix((vals.ravel(), (rows, cols.ravel())), shape=(n, width))
+    return np.asarray((W.T @ M).T)
+
+
+def masked_design_stats(design: Design, M: np.ndarray) -> dict:
+    """:func:`design_stats` for every column of the observation mask ``M`` (n × G, 1 where
+    the response is observed): the cross-products over each response's own rows, with a
+    leading axis G.  ``Σ_i m_i z_i z_iᵀ`` etc. are mask-weighted sums of row outer
+    products, so the whole batch costs one sparse-times-dense product per statistic."""
+    M = np.asarray(M, dtype=float)
+    G = M.shape[1]
+    b1 = design.blocks[0]
+    l1, q1 = b1.n_levels, b1.q
+    n, p = design.X.shape
+    ar1 = np.arange(q1)
+    c1 = b1.index[:, None] * q1 + ar1[None, :]                 # Z₁ columns of each row
+    cx = np.broadcast_to(np.arange(p), (n, p))
+    # D1: only the diagonal (per-level) blocks of Z₁ᵀZ₁
+    cd = (b1.index[:, None] * q1 + ar1[None, :])
+    D1 = _row_cross(cd, b1.Zq, np.broadcast_to(ar1, (n, q1)), b1.Zq, q1, l1 * q1 * q1, M)
+    stats = dict(
+        D1=D1.reshape(G, l1, q1, q1),
+        Z1X=_row_cross(c1, b1.Zq, cx, design.X, p, l1 * q1 * p, M).reshape(G, l1, q1, p),
+        XX=(M.T @ np.einsum("ni,nj->nij", design.X, design.X).reshape(n, -1)).reshape(G, p, p),
+        n=M.sum(axis=0),
+    )
+    if len(design.blocks) > 1:
+        offs = np.cumsum([0] + [b.n_levels * b.q for b in design.blocks[1:]])
+        cr = np.hstack([off + b.index[:, None] * b.q + np.arange(b.q)[None, :]
+                        for off, b in zip(offs, design.blocks[1:])])
+        vr = np.hstack([b.Zq for b in design.blocks[1:]])
+        qr = int(offs[-1])
+        stats["Z1Zr"] = _row_cross(c1, b1.Zq, cr, vr, qr, l1 * q1 * qr, M).reshape(G, l1, q1, qr)
+        stats["ZrZr"] = _row_cross(cr, vr, cr, vr, qr, qr * qr, M).reshape(G, qr, qr)
+        stats["ZrX"] = _row_cross(cr, vr, cx, design.X, p, qr * p, M).reshape(G, qr, p)
+    return stats

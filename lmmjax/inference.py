@@ -81,49 +81,65 @@ def satterthwaite_derivatives(vp, stats, layout: Layout, reml: bool):
 
 
 def vcov_varpar(H: np.ndarray) -> np.ndarray:
-    """A = 2 H⁻¹ with lmerTest's Moore-Penrose treatment of tiny eigenvalues."""
-    w, U = np.linalg.eigh(0.5 * (H + H.T))
-    pos = w > EIG_TOL
-    return 2.0 * (U[:, pos] / w[pos]) @ U[:, pos].T
+    """A = 2 H⁻¹ with lmerTest's Moore-Penrose treatment of tiny eigenvalues
+    (``H`` may carry leading batch axes)."""
+    w, U = np.linalg.eigh(0.5 * (H + np.swapaxes(H, -1, -2)))
+    winv = np.where(w > EIG_TOL, 1.0 / np.where(w > EIG_TOL, w, 1.0), 0.0)
+    return 2.0 * np.einsum("...ik,...k,...jk->...ij", U, winv, U)
 
 
 def _satt_df_rows(L, C, J, A):
-    """Satterthwaite df for each row of L (independent contrasts)."""
-    var = np.einsum("ri,ij,rj->r", L, C, L)
-    g = np.einsum("ri,ijk,rj->rk", L, J, L)
-    denom = np.einsum("rk,kl,rl->r", g, A, g)
+    """Satterthwaite df for each row of L (independent contrasts); C, J, A may carry
+    leading batch axes (the result then has them too: (..., rows))."""
+    var = np.einsum("ri,...ij,rj->...r", L, C, L)
+    g = np.einsum("ri,...ijk,rj->...rk", L, J, L)
+    denom = np.einsum("...rk,...kl,...rl->...r", g, A, g)
     with np.errstate(divide="ignore", invalid="ignore"):
         return 2.0 * var**2 / denom
 
 
-def pooled_ddf(nu: np.ndarray, tol: float = 1e-8) -> float:
-    """Denominator df of an F statistic from q t-statistics' dfs (lmerTest)."""
+def pooled_ddf(nu: np.ndarray, tol: float = 1e-8, valid=None) -> np.ndarray:
+    """Denominator df of an F statistic from q t-statistics' dfs (lmerTest's rule):
+    equal dfs → that df; any df ≤ 2 → 2; else 2E/(E − q) with E = Σ ν/(ν − 2).
+    ``nu`` (..., q); ``valid`` masks the entries that count (default all)."""
     nu = np.asarray(nu, float)
-    if nu.size == 1:
-        return float(nu[0])
-    if np.all(np.abs(np.diff(nu)) < tol):
-        return float(nu.mean())
-    if np.any(nu <= 2):
-        return 2.0
-    E = np.sum(nu / (nu - 2))
-    return float(2 * E / (E - nu.size))
+    valid = np.ones(nu.shape, bool) if valid is None else valid
+    q = valid.sum(axis=-1)
+    big = np.where(valid, nu, -np.inf).max(axis=-1)
+    small = np.where(valid, nu, np.inf).min(axis=-1)
+    mean = np.where(valid, nu, 0.0).sum(axis=-1) / np.maximum(q, 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        E = np.where(valid, nu / (nu - 2), 0.0).sum(axis=-1)
+        pooled = 2 * E / (E - q)
+    out = np.where(small <= 2, 2.0, pooled)
+    out = np.where((q == 1) | (big - small < tol), mean, out)
+    return out if out.ndim else float(out)
 
 
 def satterthwaite_test(L, beta, C, J, A) -> dict:
-    """F test of Lβ = 0 with Satterthwaite df (lmerTest's ``contestMD``)."""
+    """F test of Lβ = 0 with Satterthwaite df (lmerTest's ``contestMD``): LCLᵀ is
+    eigen-decomposed into independent t-tests whose dfs are pooled.  ``beta``, C, J, A
+    may carry a leading batch axis (one test per response; the values are then arrays)."""
     L = np.atleast_2d(np.asarray(L, float))
-    VL = L @ C @ L.T
+    single = np.ndim(beta) == 1
+    beta, C, J, A = (np.asarray(a, float)[None] if single else np.asarray(a, float) for a in (beta, C, J, A))
+    VL = np.einsum("ri,gij,sj->grs", L, C, L)
     d, P = np.linalg.eigh(VL)
-    order = np.argsort(d)[::-1]
-    d, P = d[order], P[:, order]
-    pos = d > max(np.finfo(float).eps ** 0.5 * d[0], 0)
-    q = int(pos.sum())
-    PtL = (P.T @ L)[:q]
-    t2 = (PtL @ beta) ** 2 / d[:q]
-    F = float(t2.sum() / q)
-    nu = _satt_df_rows(PtL, C, J, A)
-    ddf = pooled_ddf(nu)
-    return dict(F=F, num_df=q, den_df=ddf, p=f_sf(F, q, ddf))
+    d, P = d[:, ::-1], P[:, :, ::-1]                       # descending
+    pos = d > np.maximum(np.finfo(float).eps ** 0.5 * d[:, :1], 0)
+    q = pos.sum(axis=1)
+    PtL = np.einsum("grs,ri->gsi", P, L)                   # rows: the independent contrasts
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t2 = np.where(pos, np.einsum("gsi,gi->gs", PtL, beta) ** 2 / d, 0.0)
+    F = t2.sum(axis=1) / np.maximum(q, 1)
+    var = np.einsum("gsi,gij,gsj->gs", PtL, C, PtL)
+    gk = np.einsum("gsi,gijk,gsj->gsk", PtL, J, PtL)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        nu = 2.0 * var**2 / np.einsum("gsk,gkl,gsl->gs", gk, A, gk)
+    ddf = pooled_ddf(nu, valid=pos)
+    ddf = np.atleast_1d(ddf)
+    out = dict(F=F, num_df=q, den_df=ddf, p=np.asarray(f_sf(F, q, ddf), float))
+    return {k: (v[0].item() if single else v) for k, v in out.items()}
 
 
 # ------------------------------------------------------------ Kenward-Roger
@@ -199,45 +215,53 @@ def kr_derivatives(phi, dense, layout: Layout):
 
 
 def kr_adjusted(M, P, HM, IE):
-    """Φ, Φ_A (pbkrtest's ``vcovAdj``), W, and P as numpy arrays."""
+    """Φ, Φ_A (pbkrtest's ``vcovAdj``), W, and P (as (…, k, p, p)) as numpy arrays;
+    every input may carry leading batch axes."""
     M, P, HM, IE = (np.asarray(a, float) for a in (M, P, HM, IE))
     Phi = np.linalg.inv(M)
-    Phi = 0.5 * (Phi + Phi.T)
+    Phi = 0.5 * (Phi + np.swapaxes(Phi, -1, -2))
     IE2 = 2.0 * IE
     ev = np.linalg.eigvalsh(IE2)
-    W = 2.0 * (np.linalg.inv(IE2) if np.min(np.abs(ev)) > 1e-10 else np.linalg.pinv(IE2))
-    Pk = np.moveaxis(P, -1, 0)                      # (k, p, p)
-    PPhiP = np.einsum("iab,bc,jcd->ijad", Pk, Phi, Pk)
-    U = 0.5 * np.einsum("ij,abij->ab", W, HM) - np.einsum("ij,ijad->ad", W, PPhiP)
+    well = (np.min(np.abs(ev), axis=-1) > 1e-10)[..., None, None]
+    W = 2.0 * np.where(well, np.linalg.inv(np.where(well, IE2, np.eye(IE2.shape[-1]))), np.linalg.pinv(IE2))
+    Pk = np.moveaxis(P, -1, -3)                     # (…, k, p, p)
+    PPhiP = np.einsum("...iab,...bc,...jcd->...ijad", Pk, Phi, Pk)
+    U = 0.5 * np.einsum("...ij,...abij->...ab", W, HM) - np.einsum("...ij,...ijad->...ad", W, PPhiP)
     PhiA = Phi + 2.0 * Phi @ U @ Phi
-    return Phi, 0.5 * (PhiA + PhiA.T), W, Pk
+    return Phi, 0.5 * (PhiA + np.swapaxes(PhiA, -1, -2)), W, Pk
 
 
 def kr_test(L, beta, Phi, PhiA, W, Pk) -> dict:
-    """Kenward-Roger F test of Lβ = 0 (scaled F and denominator df; pbkrtest's KRmodcomp)."""
+    """Kenward-Roger F test of Lβ = 0 (scaled F and denominator df; pbkrtest's KRmodcomp).
+    ``beta`` and the KR pieces may carry one leading batch axis (values are then arrays)."""
     L = np.atleast_2d(np.asarray(L, float))
+    single = np.ndim(beta) == 1
+    beta, Phi, PhiA, W, Pk = (np.asarray(a, float)[None] if single else np.asarray(a, float)
+                              for a in (beta, Phi, PhiA, W, Pk))
     q = int(np.linalg.matrix_rank(L))
-    Theta = L.T @ np.linalg.solve(L @ Phi @ L.T, L)
+    Theta = np.einsum("ai,gab,bj->gij", L, np.linalg.inv(L @ Phi @ L.T), L)
     TP = Theta @ Phi
-    U = np.einsum("ab,ibc,cd->iad", TP, Pk, Phi)       # Θ Φ P_i Φ
-    tr = np.einsum("iaa->i", U)
-    A1 = float(np.einsum("ij,i,j->", W, tr, tr))
-    A2 = float(np.einsum("ij,iab,jba->", W, U, U))
+    U = np.einsum("gab,gibc,gcd->giad", TP, Pk, Phi)    # Θ Φ P_i Φ
+    tr = np.einsum("giaa->gi", U)
+    A1 = np.einsum("gij,gi,gj->g", W, tr, tr)
+    A2 = np.einsum("gij,giab,gjba->g", W, U, U)
     B = (A1 + 6 * A2) / (2 * q)
-    g = ((q + 1) * A1 - (q + 4) * A2) / ((q + 2) * A2)
-    den = 3 * q + 2 * (1 - g)
-    c1, c2, c3 = g / den, (q - g) / den, (q + 2 - g) / den
-    V0 = 1 + c1 * B
-    V0 = 0.0 if abs(V0) < 1e-10 else V0
-    V1, V2 = 1 - c2 * B, 1 - c3 * B
-    ratio = 0.0 if V1 == 0 else (1 - A2 / q) / V1
-    rho = ratio**2 * V0 / V2 / q
-    ddf = 4 + (q + 2) / (q * rho - 1)
-    scale = 1.0 if abs(ddf - 4) < 1e-2 else ddf * (1 - A2 / q) / (ddf - 2)
-    Lb = L @ beta
-    wald = float(Lb @ np.linalg.solve(L @ PhiA @ L.T, Lb))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        g = ((q + 1) * A1 - (q + 4) * A2) / ((q + 2) * A2)
+        den = 3 * q + 2 * (1 - g)
+        c1, c2, c3 = g / den, (q - g) / den, (q + 2 - g) / den
+        V0 = 1 + c1 * B
+        V0 = np.where(np.abs(V0) < 1e-10, 0.0, V0)
+        V1, V2 = 1 - c2 * B, 1 - c3 * B
+        ratio = np.where(V1 == 0, 0.0, (1 - A2 / q) / V1)
+        rho = ratio**2 * V0 / V2 / q
+        ddf = 4 + (q + 2) / (q * rho - 1)
+        scale = np.where(np.abs(ddf - 4) < 1e-2, 1.0, ddf * (1 - A2 / q) / (ddf - 2))
+    Lb = beta @ L.T
+    wald = np.einsum("ga,ga->g", Lb, np.linalg.solve(L @ PhiA @ L.T, Lb[..., None])[..., 0])
     F = scale * wald / q
-    return dict(F=F, num_df=q, den_df=float(ddf), p=f_sf(F, q, ddf), F_scaling=scale)
+    out = dict(F=F, num_df=np.full(F.shape, q), den_df=ddf, p=np.asarray(f_sf(F, q, ddf), float), F_scaling=scale)
+    return {k: (v[0].item() if single else v) for k, v in out.items()}
 
 
 # ------------------------------------------------------------ model-level API
@@ -255,6 +279,36 @@ def normalize_ddf(ddf: str) -> str:
         raise ValueError(
             f"ddf must be one of 'satterthwaite', 'kenward-roger', 'residual', 'asymptotic'; got {ddf!r}"
         ) from None
+
+
+def contrast_matrix(L, names: list, design) -> np.ndarray:
+    """A contrast matrix (rows × coefficients) from a matrix, a vector, a list of
+    coefficient names, a {coefficient: weight} dict, or a model term (its type III L)."""
+    if isinstance(L, str):
+        from .contrasts import type3_contrasts
+
+        L3 = type3_contrasts(design)
+        if L in L3:
+            return L3[L]
+        if L in names:
+            return np.eye(len(names))[[names.index(L)]]
+        raise ValueError(f"{L!r} is neither a model term {sorted(L3)} nor a coefficient {names}")
+    if isinstance(L, dict):
+        row = np.zeros(len(names))
+        for k, v in L.items():
+            if k not in names:
+                raise ValueError(f"unknown coefficient {k!r}; coefficients are {names}")
+            row[names.index(k)] = v
+        return row[None, :]
+    if isinstance(L, (list, tuple)) and L and all(isinstance(x, str) for x in L):
+        bad = [x for x in L if x not in names]
+        if bad:
+            raise ValueError(f"unknown coefficient(s) {bad}; coefficients are {names}")
+        return np.eye(len(names))[[names.index(x) for x in L]]
+    L = np.atleast_2d(np.asarray(L, float))
+    if L.shape[1] != len(names):
+        raise ValueError(f"L must have {len(names)} columns (one per coefficient), got shape {L.shape}")
+    return L
 
 
 class InferenceMixin:
@@ -332,32 +386,7 @@ class InferenceMixin:
         )
 
     def _contrast_matrix(self, L) -> np.ndarray:
-        names = list(self.fixef.index)
-        if isinstance(L, str):
-            from .contrasts import type3_contrasts
-
-            L3 = type3_contrasts(self.design)
-            if L in L3:
-                return L3[L]
-            if L in names:
-                return np.eye(len(names))[[names.index(L)]]
-            raise ValueError(f"{L!r} is neither a model term {sorted(L3)} nor a coefficient {names}")
-        if isinstance(L, dict):
-            row = np.zeros(len(names))
-            for k, v in L.items():
-                if k not in names:
-                    raise ValueError(f"unknown coefficient {k!r}; coefficients are {names}")
-                row[names.index(k)] = v
-            return row[None, :]
-        if isinstance(L, (list, tuple)) and L and all(isinstance(x, str) for x in L):
-            bad = [x for x in L if x not in names]
-            if bad:
-                raise ValueError(f"unknown coefficient(s) {bad}; coefficients are {names}")
-            return np.eye(len(names))[[names.index(x) for x in L]]
-        L = np.atleast_2d(np.asarray(L, float))
-        if L.shape[1] != len(names):
-            raise ValueError(f"L must have {len(names)} columns (one per coefficient), got shape {L.shape}")
-        return L
+        return contrast_matrix(L, list(self.fixef.index), self.design)
 
     def test(self, L, ddf: str = "satterthwaite"):
         """F test of Lβ = 0 (lmerTest's ``contest``).

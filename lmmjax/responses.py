@@ -1,0 +1,111 @@
+"""Many responses for one design: reading them column-chunk by column-chunk.
+
+``lmer_batch`` accepts an n × G numpy array, a pandas DataFrame (columns = response
+names), a scipy.sparse matrix (cells × genes counts; never densified whole), or an
+AnnData object (covariates from ``.obs``, responses from ``.X`` or ``.layers[layer]``,
+names from ``.var_names``).  :class:`ResponseMatrix` hides the difference; each chunk
+yields the per-response cross-products (Zᵀy, Xᵀy, yᵀy) and, where a response has
+missing values (NaN), its observation mask.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from .design import DataError, _term_Z
+
+__all__ = ["ResponseMatrix", "from_anndata"]
+
+
+def _is_anndata(obj) -> bool:
+    return type(obj).__name__ == "AnnData" and hasattr(obj, "obs") and hasattr(obj, "var_names")
+
+
+def from_anndata(adata, layer=None):
+    """(obs DataFrame, response matrix, names) of an AnnData object."""
+    if layer is None:
+        Y = adata.X
+    else:
+        if layer not in adata.layers:
+            raise DataError(f"AnnData has no layer {layer!r}; its layers are {list(adata.layers.keys())}")
+        Y = adata.layers[layer]
+    if Y is None:
+        raise DataError("AnnData.X is empty; give layer= the layer that holds the responses")
+    return adata.obs, Y, list(map(str, adata.var_names))
+
+
+class ResponseMatrix:
+    """An n × G response matrix (dense or sparse) with response names."""
+
+    def __init__(self, Y, names=None):
+        if isinstance(Y, pd.DataFrame):
+            names = list(map(str, Y.columns)) if names is None else names
+            Y = Y.to_numpy(dtype=float)
+        if sp.issparse(Y):
+            self.sparse = True
+            self.Y = sp.csc_matrix(Y, dtype=float)       # column slices are cheap
+        else:
+            self.sparse = False
+            Y = np.asarray(Y)
+            if Y.dtype.kind not in "biuf":
+                raise DataError(f"responses must be numeric, got dtype {Y.dtype}")
+            self.Y = Y
+        if self.Y.ndim != 2:
+            raise DataError(f"responses must be a 2-D (n × G) matrix, got shape {self.Y.shape}")
+        self.n, self.G = self.Y.shape
+        self.names = [f"y{i}" for i in range(self.G)] if names is None else list(map(str, names))
+        if len(self.names) != self.G:
+            raise DataError(f"{len(self.names)} names for {self.G} responses")
+        if len(set(self.names)) != self.G:
+            dup = pd.Index(self.names)[pd.Index(self.names).duplicated()][0]
+            raise DataError(f"response names must be unique; {dup!r} appears more than once")
+
+    def column(self, j: int) -> np.ndarray:
+        """One response as a dense float vector (NaN = missing)."""
+        c = self.Y[:, j]
+        return np.asarray(c.toarray()).ravel() if self.sparse else np.asarray(c, float)
+
+    def chunk_stats(self, design, cols: np.ndarray) -> dict:
+        """Cross-products of the responses ``cols`` with the design.
+
+        Returns dict(stats=…, mask=(n × c) or None, masked=bool (c,), bad=(c,) object
+        array of error messages or None).  Missing values (NaN) count as 0 in the
+        products and are recorded in the mask; ±inf is an error for that response.
+        """
+        if self.sparse:
+            Yc = self.Y[:, cols]
+            vals = Yc.data
+            if np.all(np.isfinite(vals)):
+                return dict(stats=_sparse_response_stats(design, Yc), mask=None,
+                            masked=np.zeros(len(cols), bool), bad=np.full(len(cols), None, object))
+            Yc = Yc.toarray()          # only a chunk with non-finite entries is densified
+        else:
+            Yc = np.asarray(self.Y[:, cols], dtype=float)
+        nan = np.isnan(Yc)
+        inf = np.isinf(Yc)
+        bad = np.full(len(cols), None, object)
+        for j in np.flatnonzero(inf.any(axis=0)):
+            bad[j] = f"{int(inf[:, j].sum())} infinite value(s); use NaN for missing values"
+        masked = nan.any(axis=0) & ~inf.any(axis=0)
+        M = (~nan & ~inf).astype(float)
+        Y0 = np.where(M > 0, Yc, 0.0)
+        from .design import response_stats
+
+        return dict(stats=response_stats(design, Y0), mask=M if masked.any() else None,
+                    masked=masked, bad=bad)
+
+
+def _sparse_response_stats(design, Yc) -> dict:
+    """Zᵀy, Xᵀy, yᵀy of a sparse (n × c) chunk without densifying it."""
+    c = Yc.shape[1]
+    b1 = design.blocks[0]
+    out = dict(
+        Z1y=np.asarray((_term_Z(b1).T @ Yc).toarray()).T.reshape(c, b1.n_levels, b1.q),
+        Xy=np.asarray((Yc.T @ design.X)),
+        yy=np.asarray(Yc.multiply(Yc).sum(axis=0)).ravel(),
+    )
+    if len(design.blocks) > 1:
+        Zr = sp.hstack([_term_Z(b) for b in design.blocks[1:]], format="csr")
+        out["Zry"] = np.asarray((Zr.T @ Yc).toarray()).T
+    return out
