@@ -176,8 +176,8 @@ def batch_kr_program(theta, sigma, dense, layout: Layout, design_mapped: bool = 
         Ts = layout.factors(th)
         phi = jnp.concatenate([st.natural_from_cov(s * s * T @ T.T) for st, T in zip(layout.structures, Ts)]
                               + [(s * s)[None]])
-        m_of = lambda ph: _kr_pieces(ph, dn, layout)[0]  # noqa: E731
-        ld_of = lambda ph: _kr_pieces(ph, dn, layout)[1]  # noqa: E731
+        m_of = lambda ph: _kr_pieces(ph, dn, layout, lapack=False)[0]  # noqa: E731
+        ld_of = lambda ph: _kr_pieces(ph, dn, layout, lapack=False)[1]  # noqa: E731
         return (m_of(phi), jax.jacfwd(m_of)(phi), jax.jacfwd(jax.jacfwd(m_of))(phi),
                 -0.5 * jax.hessian(ld_of)(phi))
 

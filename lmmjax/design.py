@@ -125,6 +125,11 @@ def _variables(expr: str) -> set[str]:
         raise DataError(f"cannot parse {expr!r}: {exc}") from None
 
 
+def _label(x):
+    """A row label as users write it (numpy scalars as plain Python values)."""
+    return x.item() if isinstance(x, np.generic) else x
+
+
 def _check_columns(names, data: pd.DataFrame, where: str):
     missing = [v for v in sorted(names) if v not in data.columns]
     if missing:
@@ -221,7 +226,7 @@ def _as_float(mm, where: str, data_index) -> np.ndarray:
         r, c = np.argwhere(bad)[0]
         raise DataError(
             f"{where} column {list(mm.columns)[c]!r} has a non-finite value "
-            f"(row {data_index[r]!r}); remove or impute it"
+            f"(row {_label(data_index[r])!r}); remove or impute it"
         )
     return arr
 
@@ -277,7 +282,7 @@ def build_design(formula: str | ParsedFormula, data: pd.DataFrame, require_respo
             y = np.asarray(ymm, dtype=float)[:, 0]
         if not np.all(np.isfinite(y)):
             i = int(np.flatnonzero(~np.isfinite(y))[0])
-            raise DataError(f"response {pf.response!r} has a non-finite value in row {df.index[i]!r}")
+            raise DataError(f"response {pf.response!r} has a non-finite value in row {_label(df.index[i])!r}")
     else:
         y = np.zeros(len(df))
     # --- fixed effects
@@ -350,9 +355,15 @@ def response_stats(design: Design, Y: np.ndarray) -> dict:
     Y2 = Y[:, None] if Y.ndim == 1 else Y
     b1 = design.blocks[0]
     Z1 = _term_Z(b1)
+    if Y2.shape[1] > 1 and b1.n_levels * b1.q <= 256:
+        # many responses, few columns: one dense GEMM for [Z₁ X]ᵀ Y
+        P = np.hstack([Z1.toarray(), design.X]).T @ Y2
+        Z1y, Xy = P[: b1.n_levels * b1.q].T, P[b1.n_levels * b1.q:].T
+    else:
+        Z1y, Xy = np.asarray(Z1.T @ Y2).T, np.asarray(design.X.T @ Y2).T
     out = dict(
-        Z1y=np.asarray(Z1.T @ Y2).T.reshape(Y2.shape[1], b1.n_levels, b1.q),
-        Xy=np.asarray(design.X.T @ Y2).T,
+        Z1y=np.ascontiguousarray(Z1y).reshape(Y2.shape[1], b1.n_levels, b1.q),
+        Xy=np.ascontiguousarray(Xy),
         yy=np.einsum("ng,ng->g", Y2, Y2),
     )
     if len(design.blocks) > 1:

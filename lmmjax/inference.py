@@ -39,6 +39,7 @@ import numpy as np
 
 from ._compute import precision, to_device
 from ._dist import f_sf, t_ppf, t_sf
+from ._linalg import gauss_jordan
 from .likelihood import Layout, factorize
 
 __all__ = ["satterthwaite_derivatives", "kr_derivatives", "satterthwaite_test", "kr_test",
@@ -181,7 +182,7 @@ def _right_apply_S(Mat, phi, layout: Layout):
     return jnp.concatenate(out, axis=-1)
 
 
-def _kr_pieces(phi, dense, layout: Layout):
+def _kr_pieces(phi, dense, layout: Layout, lapack: bool = True):
     """M(φ) = XᵀV⁻¹X and log|V| + log|M| from the q × q cross-products.
 
     V = σ²(I + ZSZᵀ) with S = D/σ²; push-through: (I + ZSZᵀ)⁻¹ = I − ZS(I + ZᵀZS)⁻¹Zᵀ,
@@ -191,10 +192,14 @@ def _kr_pieces(phi, dense, layout: Layout):
     s2 = phi[-1]
     B = jnp.eye(ZtZ.shape[0], dtype=ZtZ.dtype) + _right_apply_S(ZtZ, phi, layout)
     SZtX = _right_apply_S(ZtX.T, phi, layout).T
-    M = (XX - SZtX.T @ jnp.linalg.solve(B, ZtX)) / s2
+    if lapack:
+        BiZtX, logdet_b = jnp.linalg.solve(B, ZtX), jnp.linalg.slogdet(B)[1]
+    else:  # vmapped over many responses: no LAPACK calls (see _linalg.gauss_jordan)
+        BiZtX, logdet_b = gauss_jordan(B, ZtX)
+    M = (XX - SZtX.T @ BiZtX) / s2
     M = 0.5 * (M + M.T)
-    logdet_v = n * jnp.log(s2) + jnp.linalg.slogdet(B)[1]
-    return M, logdet_v + jnp.linalg.slogdet(M)[1]
+    logdet_m = jnp.linalg.slogdet(M)[1] if lapack else gauss_jordan(M, M[:, :0])[1]
+    return M, n * jnp.log(s2) + logdet_b + logdet_m
 
 
 @partial(jax.jit, static_argnames=("layout",))
