@@ -28,7 +28,7 @@ __all__ = ["lmer", "precision"]
 
 
 def lmer(formula: str, data: pd.DataFrame, reml: bool = True, *, dtype: str = "float64",
-         start=None, theta=None, maxiter: int = 1000, warn: bool = True) -> LmerResult:
+         start=None, theta=None, maxiter: int = 1000, warn: bool = True, residual=None) -> LmerResult:
     """Fit a linear mixed model by REML (default) or ML, like ``lme4::lmer``.
 
     Parameters
@@ -42,7 +42,15 @@ def lmer(formula: str, data: pd.DataFrame, reml: bool = True, *, dtype: str = "f
     theta : evaluate the model at this θ without optimizing (like lme4's
         ``devFunOnly`` + ``mkMerMod``): every reported quantity is then conditional on it.
     warn : emit ConvergenceWarning / SingularFitWarning.
+    residual : a residual covariance structure from :mod:`lmmjax.cov` (e.g.
+        ``lmmjax.cov.AR1(group="Mare")``, ``CAR1(time="age", group="Subject") * VarIdent(by="Sex")``),
+        like nlme's ``lme(..., correlation=, weights=)``; returns a
+        :class:`~lmmjax.gls.GroupedResult`.
     """
+    if residual is not None:
+        from .gls import fit_grouped
+
+        return fit_grouped(formula, data, residual, reml=reml, dtype=dtype, engine="lmer")
     design = build_design(formula, data)
     stats = {**design_stats(design), **response_stats(design, design.y)}
     with precision(dtype) as dt:
