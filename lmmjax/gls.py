@@ -157,7 +157,7 @@ def _padded(design, frame: pd.DataFrame, residual: ResidualStructure, group_code
         out[codes, pos] = a[order]
         return out
 
-    prepared = dict(residual.prepare(frame), _pos=np.arange(n)[np.argsort(order)] * 0.0 + pos[np.argsort(order)])
+    prepared = dict(residual.prepare(frame), _pos=pos[np.argsort(order)].astype(float))  # position in group
     XY = np.column_stack([design.X, design.y])
     Zs = [b.Zq for b in design.blocks if b.group != _ONE]
     Z = np.column_stack(Zs) if Zs else np.zeros((n, 0))
