@@ -1,6 +1,6 @@
 """Many-response benchmark: ``lmmjax.lmer_batch`` on a single-cell-like design vs per-gene peers.
 
-    python benchmarks/batch.py                 # full run (10k genes, 100k x 20k sparse, R), ~10 min
+    python benchmarks/batch.py                 # full run (10k genes, 100k x 20k sparse, R), ~6 min
     python benchmarks/batch.py --quick --no-r  # smoke run with small sizes, ~1-2 min
     python benchmarks/batch.py --genes 5000 --sparse-cells 50000 --no-slope
 
@@ -19,10 +19,8 @@ import argparse
 import contextlib
 import faulthandler
 import gc
-import io
 import json
 import os
-import resource
 import shutil
 import sys
 import tempfile
@@ -298,7 +296,7 @@ def lmmjax_main(obs, Y, reps, counter, log) -> dict:
     total = [a + b for a, b in zip(fit_t, satt_t)]
     out.update(fit_all=fit_t, satt_all=satt_t, total_all=total, kr_all=kr_t, fit=median(fit_t),
                satt=median(satt_t), total=median(total), kr=median(kr_t), satt_table=satt, kr_table=kr,
-               loglik=res.loglik.to_numpy(), converged=int(res.converged.sum()),
+               loglik=res.loglik.to_numpy(), theta=res.theta.to_numpy()[:, 0], converged=int(res.converged.sum()),
                singular_mask=res.is_singular.to_numpy(), singular=int(res.is_singular.sum()),
                failed=int(res.errors.notna().sum()))
     return out
@@ -330,7 +328,8 @@ def lmmjax_warm_simple(formula, obs, Y, reps, counter, log, budget=None, **kw) -
             tab = res.coef_table("condition")
             times.append(time.perf_counter() - t0)
         out["recompiles"] = counter.n - c0
-    out.update(times=times, med=median(times), table=tab, converged=int(res.converged.sum()),
+    out.update(times=times, med=median(times), table=tab, loglik=res.loglik.to_numpy(),
+               theta=res.theta.to_numpy()[:, 0], converged=int(res.converged.sum()),
                singular=int(res.is_singular.sum()), failed=int(res.errors.notna().sum()))
     return out
 
@@ -354,10 +353,10 @@ def statsmodels_genes(obs: pd.DataFrame, Y: np.ndarray, genes: np.ndarray) -> di
         elapsed = time.perf_counter() - t0
         n_warn = len(rec) - n0
         kinds = sorted({w.category.__name__ for w in rec[n0:]})
-    name = "condition[T.stim]"
-    for f in fits:
-        rows.append(dict(estimate=float(f.fe_params[name]), se=float(f.bse_fe[name]), p=float(f.pvalues[name]),
-                         loglik=float(f.llf), converged=bool(f.converged)))
+        name = "condition[T.stim]"
+        for f in fits:
+            rows.append(dict(estimate=float(f.fe_params[name]), se=float(f.bse_fe[name]), p=float(f.pvalues[name]),
+                             loglik=float(f.llf), converged=bool(f.converged)))
     return dict(time=elapsed, per_gene=elapsed / len(genes), n=len(genes), warnings=n_warn, warning_kinds=kinds,
                 table=pd.DataFrame(rows, index=genes))
 
@@ -461,8 +460,11 @@ def compare_tables(j: pd.DataFrame, r: pd.DataFrame, cols=("estimate", "se", "df
     return out
 
 
-def float32_compare(t32: pd.DataFrame, t64: pd.DataFrame) -> dict:
+def float32_compare(t32: pd.DataFrame, t64: pd.DataFrame, ll32, ll64) -> dict:
     out = {}
+    dll = np.asarray(ll32) - np.asarray(ll64)
+    out["dll_min"], out["dll_max"] = -_mx(-dll), _mx(dll)
+    out["dll_below_1e-2"] = int(np.sum(dll < -1e-2))
     for c in ("estimate", "se", "df", "p"):
         d = rel(t32[c].to_numpy(), t64[c].to_numpy())
         out[c] = dict(max=_mx(d), median=_md(d))
@@ -600,8 +602,8 @@ def report(R: dict, args, sections: dict, wall_total: float) -> str:  # noqa: C9
     w("== accuracy on the sampled genes ==")
     acc = R.get("acc_r")
     if acc:
-        w(f"  vs lme4 + lmerTest, Satterthwaite (rel. diff |lmmjax - R| / |R|, max / median; est in R se units = "
-          f"max |diff| / se)")
+        w("  vs lme4 + lmerTest, Satterthwaite (rel. diff |lmmjax - R| / |R|, max / median; est in R se units = "
+          "max |diff| / se)")
         rows = []
         for label, key in (("all genes", "all"), ("non-singular in both", "nonsing"), ("singular in either", "sing")):
             c = acc.get(key)
@@ -628,7 +630,8 @@ def report(R: dict, args, sections: dict, wall_total: float) -> str:  # noqa: C9
         w(f"  vs statsmodels ({accs['n']} genes): estimate rel. diff max {fe(accs['estimate']['max'])} / median "
           f"{fe(accs['estimate']['median'])} (max {fe(accs['estimate_in_se'])} se); se rel. diff max "
           f"{fe(accs['se']['max'])} / median {fe(accs['se']['median'])}; REML logLik lmmjax - statsmodels max "
-          f"{accs['ll_max']:+.1e}, min {accs['ll_min']:+.1e} (lmmjax higher by > 1e-4 in {accs['ll_jax_higher']})")
+          f"{accs['ll_max']:+.1e}, min {accs['ll_min']:+.1e} (lmmjax higher by > 1e-4 in {accs['ll_jax_higher']}"
+          + (f"; statsmodels logLik not finite in {accs['ll_nonfinite']}" if accs["ll_nonfinite"] else "") + ")")
         w("    (statsmodels' se comes from the joint Hessian of fixed effects and variance parameters, so it is "
           "not expected to match lme4/lmmjax exactly)")
     w("")
@@ -645,6 +648,11 @@ def report(R: dict, args, sections: dict, wall_total: float) -> str:  # noqa: C9
         w(f"  estimate error in se units: max {fe(c['estimate_in_se'])}; p: max |diff| {fe(c['p_abs_max'])}, "
           f"{c['p_rel_gt_1e-3']} genes with rel. diff > 1e-3; BH 5% calls differ for {c['calls_differ']} genes")
         w(f"  converged = False: float32 {c['not_converged_32']}, float64 {c['not_converged_64']} (of {G})")
+        w(f"  REML logLik float32 - float64: min {c['dll_min']:+.1e}, max {c['dll_max']:+.1e}; float32 lower by > 1e-2 "
+          f"in {c['dll_below_1e-2']} genes (an optimum missed, not round-off)")
+        for x in c.get("worst", []):
+            w(f"    largest p diff: gene {x['gene']}: p {x['p64']:.4g} -> {x['p32']:.4g}, df {x['df64']:.5g} -> "
+              f"{x['df32']:.5g}, theta {x['theta64']:.3g} -> {x['theta32']:.3g}, dlogLik {x['dll']:+.2g}")
         w("")
 
     # 7a. random slopes
@@ -887,8 +895,8 @@ def main(argv=None) -> int:  # noqa: C901
                     jt = R["main"]["satt_table"].iloc[sm["table"].index]
                     c = compare_tables(jt, sm["table"].set_axis(jt.index), cols=("estimate", "se"))
                     dll = R["main"]["loglik"][sm["table"].index] - sm["table"]["loglik"].to_numpy()
-                    c.update(ll_max=float(np.max(dll)), ll_min=float(np.min(dll)),
-                             ll_jax_higher=int(np.sum(dll > 1e-4)))
+                    c.update(ll_max=_mx(dll), ll_min=-_mx(-dll), ll_jax_higher=int(np.sum(dll > 1e-4)),
+                             ll_nonfinite=int(np.sum(~np.isfinite(sm["table"]["loglik"].to_numpy()))))
                     R["acc_sm"] = c
         if use_r:
             with section("R lme4 + lmerTest"):
@@ -926,7 +934,14 @@ def main(argv=None) -> int:  # noqa: C901
             f32 = lmmjax_warm_simple(FORMULA, obs, Y, args.reps, counter, log, dtype="float32")
             R["float32"] = dict(first=f32["first"], times=f32["times"], med=f32["med"], recompiles=f32["recompiles"])
             if "main" in R:
-                R["float32"]["cmp"] = float32_compare(f32["table"], R["main"]["satt_table"])
+                R["float32"]["cmp"] = c = float32_compare(f32["table"], R["main"]["satt_table"], f32["loglik"],
+                                                          R["main"]["loglik"])
+                worst = np.argsort(np.abs(f32["table"]["p"].to_numpy() - R["main"]["satt_table"]["p"].to_numpy()))
+                c["worst"] = [dict(gene=R["main"]["satt_table"].index[i], p64=R["main"]["satt_table"]["p"].iloc[i],
+                                   p32=f32["table"]["p"].iloc[i], df64=R["main"]["satt_table"]["df"].iloc[i],
+                                   df32=f32["table"]["df"].iloc[i], theta64=R["main"]["theta"][i],
+                                   theta32=f32["theta"][i], dll=f32["loglik"][i] - R["main"]["loglik"][i])
+                              for i in worst[::-1][:3]]
             log(f"  float32 warm {f32['med']:.3f} s")
             del f32
 
@@ -945,7 +960,8 @@ def main(argv=None) -> int:  # noqa: C901
                     log(f"  fresh total {R['slope']['fresh']['total']:.2f} s")
             with section("slope warm"):
                 sw = lmmjax_warm_simple(FORMULA_SLOPE, obs, Ys, args.reps, counter, log, budget=SLOPE_WARM_BUDGET)
-                sw.pop("table")
+                for k in ("table", "loglik", "theta"):
+                    sw.pop(k)
                 R["slope"]["warm"] = sw
                 log(f"  warm {sw['med']:.2f} s")
         del Y
@@ -976,6 +992,7 @@ def main(argv=None) -> int:  # noqa: C901
                 with section("sparse warm"):
                     sw = lmmjax_warm_simple(FORMULA, sobs, S, args.reps, counter, log)
                     R["sparse"]["calls"] = de_calls(sw.pop("table"), sgp["de"])
+                    sw.pop("loglik"), sw.pop("theta")
                     R["sparse"]["warm"] = sw
                     log(f"  warm {sw['med']:.2f} s")
                 with section("sparse floor"):

@@ -31,3 +31,11 @@ def enable_persistent_cache() -> str | None:
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.05)
     return path
+
+
+def no_persistent_cache():
+    """Context: programs compiled inside are not written to the persistent cache.  Used for
+    the residual-structure programs, whose cache write segfaulted in jaxlib 0.10.2 (CI)."""
+    from jax._src import config
+
+    return config.enable_compilation_cache(False)

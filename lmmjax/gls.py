@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
+from ._cache import no_persistent_cache
 from ._compute import precision
 from ._dist import t_ppf, t_sf
 from ._linalg import gauss_jordan
@@ -206,7 +207,7 @@ def fit_grouped(formula: str, data: pd.DataFrame, residual, reml: bool = True, d
     psi0 = np.concatenate([np.concatenate([s.init() for s in structures] + [np.zeros(0)]), residual.init()])
     from scipy.optimize import minimize
 
-    with precision(dtype) as dt:
+    with precision(dtype) as dt, no_persistent_cache():
         dev = jax.tree.map(lambda a: jax.device_put(np.asarray(a, dt) if np.asarray(a).dtype != bool else a), arrays)
 
         def fg(x):
@@ -324,7 +325,7 @@ class GroupedResult:
         p = beta.size
         if ddf == "satterthwaite":
             vp = np.r_[self.psi, self.sigma]
-            with precision(self.dtype) as dt:
+            with precision(self.dtype) as dt, no_persistent_cache():
                 H, J = jax.device_get(_satterthwaite(jax.device_put(vp.astype(dt)), self._data, self._spec, self.reml))
             df = _satt_df_rows(np.eye(p), C, np.asarray(J, float), vcov_varpar(np.asarray(H, float)))
         elif ddf == "residual":
