@@ -11,6 +11,8 @@ the same process will also use it once lmmjax is imported.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import os
 
 
@@ -33,9 +35,13 @@ def enable_persistent_cache() -> str | None:
     return path
 
 
+@contextmanager
 def no_persistent_cache():
-    """Context: programs compiled inside are not written to the persistent cache.  Used for
-    the residual-structure programs, whose cache write segfaulted in jaxlib 0.10.2 (CI)."""
+    """Context: programs compiled inside are not written to the persistent cache (the
+    write is skipped before serialization: minimum compile time set very high).  Used
+    for the residual-structure programs, whose cache write (executable.serialize)
+    segfaulted in jaxlib 0.10.2 on clean CI runs."""
     from jax._src import config
 
-    return config.enable_compilation_cache(False)
+    with config.enable_compilation_cache(False), config.persistent_cache_min_compile_time_secs(1e12):
+        yield
