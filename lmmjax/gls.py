@@ -18,7 +18,7 @@ With r² = S_yy − S_xyᵀS_xx⁻¹S_xy the profiled criteria are (Pinheiro & B
     REML: log|V| + log|S_xx| + (n−p)(1 + log(2π r²/(n−p)))
 
 and Var(β̂) = σ̂² S_xx⁻¹.  Satterthwaite df use the observed Hessian of the unprofiled
-criterion in (ψ, σ) and ∂Var(β̂)/∂(ψ, σ), both by autodiff — for every structure,
+criterion in (ψ, σ) (central differences of its autodiff gradient) and ∂Var(β̂)/∂(ψ, σ) — for every structure,
 built-in or user-defined.
 """
 from __future__ import annotations
@@ -137,8 +137,33 @@ def _solution(psi, data, spec, reml):
 
 
 @partial(jax.jit, static_argnames=("spec", "reml"))
+def _unprofiled_grad(vp, data, spec, reml):
+    return jax.grad(_unprofiled)(vp, data, spec, reml)
+
+
+_vcov_beta_jit = jax.jit(_vcov_beta, static_argnames=("spec",))
+
+
 def _satterthwaite(vp, data, spec, reml):
-    return jax.hessian(_unprofiled)(vp, data, spec, reml), jax.jacfwd(_vcov_beta)(vp, data, spec)
+    """(H, J): Hessian of d(ψ, σ) and ∂Var(β̂)/∂(ψ, σ) by central differences of the exact
+    gradient and of Var(β̂).  (One fused second-order program — hessian and jacfwd through
+    the vmapped Gauss-Jordan — crashed XLA-CPU's compiler on clean CI runs, jaxlib 0.10.2.)"""
+    vp = np.asarray(vp, float)
+    k = vp.size
+    h = 1e-5 * np.maximum(1.0, np.abs(vp))
+    H = np.empty((k, k))
+    J = None
+    for i in range(k):
+        e = np.zeros(k)
+        e[i] = h[i]
+        gp, gm = (np.asarray(_unprofiled_grad(jax.device_put(vp + s_ * e), data, spec, reml), float)
+                  for s_ in (1.0, -1.0))
+        H[:, i] = (gp - gm) / (2 * h[i])
+        Cp, Cm = (np.asarray(_vcov_beta_jit(jax.device_put(vp + s_ * e), data, spec), float) for s_ in (1.0, -1.0))
+        dC = (Cp - Cm) / (2 * h[i])
+        J = np.empty(dC.shape + (k,)) if J is None else J
+        J[..., i] = dC
+    return 0.5 * (H + H.T), J
 
 
 # ---------------------------------------------------------------- data preparation
@@ -326,7 +351,7 @@ class GroupedResult:
         if ddf == "satterthwaite":
             vp = np.r_[self.psi, self.sigma]
             with precision(self.dtype) as dt, no_persistent_cache():
-                H, J = jax.device_get(_satterthwaite(jax.device_put(vp.astype(dt)), self._data, self._spec, self.reml))
+                H, J = _satterthwaite(vp.astype(dt), self._data, self._spec, self.reml)
             df = _satt_df_rows(np.eye(p), C, np.asarray(J, float), vcov_varpar(np.asarray(H, float)))
         elif ddf == "residual":
             df = np.full(p, float(self.nobs - p))
