@@ -38,11 +38,10 @@ import numpy as np
 import pandas as pd
 
 from ._compute import precision
-from ._dist import t_ppf, t_sf
 from ._linalg import chol_small, tril_inv_small
 from .design import DataError, build_design, design_stats, masked_design_stats
 from .inference import (_kr_pieces, _satt_df_rows, _satterthwaite_program, contrast_matrix, dense_crossproducts,
-                        kr_adjusted, kr_test, normalize_ddf, satterthwaite_test, vcov_varpar)
+                        kr_adjusted, kr_test, normalize_ddf, satterthwaite_test, t_columns, vcov_varpar)
 from .likelihood import Layout, objective, solve
 from .optimize import SINGULAR_TOL, _probe_points
 from .responses import ResponseMatrix, _is_anndata, from_anndata
@@ -407,12 +406,9 @@ class BatchResult:
                 df = np.full(est.shape, np.inf)
         bad = self.errors.notna().to_numpy()
         df = np.where(bad, np.nan, df)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            t = est / se
-            p = 2 * t_sf(np.abs(t), df)
-            crit = t_ppf(0.5 + level / 2, df)
-        return pd.DataFrame({"estimate": est, "se": se, "df": df, "t": t, "p": p, "p_adj": _bh(p),
-                             "lower": est - crit * se, "upper": est + crit * se,
+        cols = t_columns(est, se, df, level)
+        return pd.DataFrame({"estimate": est, "se": se, "df": df, "t": cols["t"], "p": cols["p"],
+                             "p_adj": _bh(cols["p"]), "lower": cols["lower"], "upper": cols["upper"],
                              "converged": self.converged.to_numpy(), "singular": self.is_singular.to_numpy()},
                             index=self.fixef.index)
 

@@ -34,10 +34,10 @@ import pandas as pd
 
 from ._cache import no_persistent_cache
 from ._compute import precision
-from ._dist import t_ppf, t_sf
 from ._linalg import gauss_jordan
 from .design import DataError, build_design
-from .inference import _satt_df_rows, normalize_ddf, vcov_varpar
+from .inference import _satt_df_rows, normalize_ddf, t_columns, unprofiled_deviance, vcov_varpar
+from .likelihood import criterion
 from .residual import ResidualStructure, combine
 
 __all__ = ["gls", "fit_grouped", "GroupedResult"]
@@ -89,25 +89,19 @@ def _profiled(psi, data, spec: _Spec, reml: bool):
     return S, r2, logdet_v, logdet_x
 
 
-def grouped_criterion(psi, data, spec: _Spec, reml: bool):
+def _pieces(psi, data, spec: _Spec, reml: bool) -> dict:
+    """The factorization pieces the shared criterion formulas read (log|V| plays log|L_Z|²)."""
     _, r2, ldv, ldx = _profiled(psi, data, spec, reml)
-    n = data["n"]
-    if reml:
-        nu = n - spec.p
-        return ldv + ldx + nu * (1.0 + jnp.log(2.0 * math.pi * r2 / nu))
-    return ldv + n * (1.0 + jnp.log(2.0 * math.pi * r2 / n))
+    return dict(logdet_z=ldv, logdet_x=ldx, r2=r2)
+
+
+def grouped_criterion(psi, data, spec: _Spec, reml: bool):
+    return criterion(_pieces(psi, data, spec, reml), data["n"], spec.p, reml)
 
 
 def _unprofiled(vp, data, spec: _Spec, reml: bool):
     """d(ψ, σ) at β̂(ψ) (the Satterthwaite criterion, as lmerTest's for lmer fits)."""
-    psi, sigma = vp[:-1], vp[-1]
-    _, r2, ldv, ldx = _profiled(psi, data, spec, reml)
-    s2 = sigma * sigma
-    n = data["n"]
-    d = ldv + r2 / s2 + n * jnp.log(2 * math.pi * s2)
-    if reml:
-        d = d + ldx - spec.p * jnp.log(2 * math.pi * s2)
-    return d
+    return unprofiled_deviance(_pieces(vp[:-1], data, spec, reml), data["n"], spec.p, vp[-1], reml)
 
 
 def _vcov_beta(vp, data, spec: _Spec):
@@ -360,10 +354,8 @@ class GroupedResult:
         else:
             raise NotImplementedError("Kenward-Roger for residual covariance structures is not available yet; "
                                       "use ddf='satterthwaite'")
-        t = beta / se
-        crit = t_ppf(0.5 + level / 2, df)
-        return pd.DataFrame({"estimate": beta, "se": se, "df": df, "t": t, "p": 2 * t_sf(np.abs(t), df),
-                             "lower": beta - crit * se, "upper": beta + crit * se}, index=self.fixef.index)
+        return pd.DataFrame({"estimate": beta, "se": se, "df": df, **t_columns(beta, se, df, level)},
+                            index=self.fixef.index)
 
     def __repr__(self):
         lines = [f"{'Generalized least squares' if self.engine == 'gls' else 'Linear mixed model'} fit by "

@@ -53,13 +53,26 @@ def _unprofiled_criterion(vp, stats, layout: Layout, reml: bool):
     """d(θ, σ) and, as auxiliary output, M(θ) = XᵀV⁻¹X·σ² (both from one factorization)."""
     theta, sigma = vp[:-1], vp[-1]
     f = factorize(theta, stats, layout)
-    n = stats["n"]
+    return unprofiled_deviance(f, stats["n"], stats["XX"].shape[-1], sigma, reml), f["Mxx"]
+
+
+def unprofiled_deviance(f, n, p, sigma, reml: bool):
+    """d(θ, σ) = log|L_Z|² + r²/σ² + n log(2πσ²) [+ log|R_X|² − p log(2πσ²) for REML]
+    from a factorization's ``logdet_z``, ``logdet_x`` and ``r2`` (any model whose
+    marginal covariance is σ² times a matrix: lmer's blocked factor, gls's grouped one)."""
     s2 = sigma * sigma
     dev = f["logdet_z"] + f["r2"] / s2 + n * jnp.log(2 * math.pi * s2)
     if reml:
-        p = stats["XX"].shape[-1]
         dev = dev + f["logdet_x"] - p * jnp.log(2 * math.pi * s2)
-    return dev, f["Mxx"]
+    return dev
+
+
+def t_columns(beta, se, df, level: float = 0.95) -> dict:
+    """t, two-sided p and the ``level`` confidence limits of estimates with SEs and dfs."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        t = beta / se
+        crit = t_ppf(0.5 + level / 2, df)
+        return {"t": t, "p": 2 * t_sf(np.abs(t), df), "lower": beta - crit * se, "upper": beta + crit * se}
 
 
 @partial(jax.jit, static_argnames=("layout", "reml"))
@@ -381,14 +394,8 @@ class InferenceMixin:
                 df = np.full(p, float(self.nobs - p))
             else:
                 df = np.full(p, np.inf)
-        t = beta / se
-        pval = 2 * t_sf(np.abs(t), df)
-        crit = t_ppf(0.5 + level / 2, df)
-        return pd.DataFrame(
-            {"estimate": beta, "se": se, "df": df, "t": t, "p": pval,
-             "lower": beta - crit * se, "upper": beta + crit * se},
-            index=self.fixef.index,
-        )
+        return pd.DataFrame({"estimate": beta, "se": se, "df": df, **t_columns(beta, se, df, level)},
+                            index=self.fixef.index)
 
     def _contrast_matrix(self, L) -> np.ndarray:
         return contrast_matrix(L, list(self.fixef.index), self.design)
