@@ -617,6 +617,10 @@ def lmer_batch(formula: str, data=None, responses=None, reml: bool = True, *, na
         raise DataError(f"{len(data) - design.n} rows of data have missing covariates; drop those rows from "
                         "data and responses first")
     layout = design.layout
+    other = sorted({str(b.term) for b in design.blocks if not hasattr(b.structure, "positions")})
+    if other:
+        raise NotImplementedError(f"lmer_batch fits us/diag random-effect terms; {other} is not supported "
+                                  "in batch yet (fit it per response with lmmjax.lmer)")
     dtype = str(np.dtype(dtype))
     budget = _parse_memory(max_memory)
 

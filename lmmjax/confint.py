@@ -38,6 +38,12 @@ __all__ = ["confint", "simulate", "varpar_names", "varpar_values"]
 # ------------------------------------------------------------ (sd, cor, σ) scale
 def _term_slots(layout: Layout):
     """For each θ entry: (term k, row i, col j) of its template position."""
+    other = sorted({type(s).__name__ for s in layout.structures if not hasattr(s, "positions")})
+    if other:
+        raise NotImplementedError(
+            f"confidence intervals and simulation on the (sd, cor) scale are not available for "
+            f"{', '.join(other)} random-effect terms yet (only us/diag terms); their natural "
+            "parameters are in m.varcorr")
     return [(k, i, j) for k, s in enumerate(layout.structures) for i, j in s.positions]
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from formulaic import model_matrix
 
-from .design import Design, r_name
+from .design import FORMULA_CONTEXT, Design, r_name
 
 __all__ = ["term_columns", "type3_contrasts", "type1_contrasts"]
 
@@ -65,7 +65,8 @@ def type3_contrasts(design: Design) -> dict:
         full_cols.append(np.ones((design.n, 1)))
         full_names.append("(Intercept)")
     for term in cmap:
-        mm = model_matrix(f"0 + {term}", frame, ensure_full_rank=False, na_action="ignore")
+        mm = model_matrix(f"0 + {term}", frame, ensure_full_rank=False, na_action="ignore",
+                          context=FORMULA_CONTEXT)
         full_cols.append(np.asarray(mm, float))
         full_names.extend(r_name(c) for c in mm.columns)
     Xfull = np.hstack(full_cols)

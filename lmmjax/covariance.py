@@ -20,17 +20,27 @@ A structure is a small frozen (hashable) object that knows
   parameters φ (variances/covariances, or for nonlinear structures e.g. σ² and ρ)
   used by Kenward-Roger.
 
-New structures (compound symmetry, AR(1), user kernels) implement the same
-protocol and slot into the likelihood unchanged.
+* ``linear``: whether Σ is linear in the natural parameters.  When it is not
+  (compound symmetry, AR(1): φ = (variances, ρ)), Kenward-Roger adds the
+  second-derivative terms R_ij = Xᵀ V⁻¹ (∂²V/∂φ_i∂φ_j) V⁻¹ X (see :mod:`lmmjax.inference`).
+
+Structures with a correlation parameter (:class:`CompoundSymmetry`, :class:`AR1`)
+parameterize T = diag(|s|) L_R(ρ) with L_R the Cholesky factor of the correlation
+matrix, in closed form (no LAPACK, so they vmap), s the relative SDs (≥ 0 is the
+canonical sign; s = 0 is the singular boundary) and ρ an unconstrained transform.
+glmmTMB's keywords: ``cs`` (heterogeneous variances), ``homcs``, ``ar1``
+(homogeneous variance, lag-k correlation ρᵏ over the term's columns in order),
+``hetar1``, ``homdiag``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["Unstructured", "Diagonal", "make_structure"]
+__all__ = ["Unstructured", "Diagonal", "HomDiagonal", "CompoundSymmetry", "AR1", "make_structure"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +49,7 @@ class Unstructured:
 
     q: int
     correlated = True  # VarCorr lists covariances/correlations
+    linear = True      # Σ is linear in the natural parameters
 
     @property
     def n_params(self) -> int:
@@ -107,6 +118,7 @@ class Diagonal:
 
     q: int
     correlated = False
+    linear = True
 
     @property
     def n_params(self) -> int:
@@ -144,17 +156,203 @@ class Diagonal:
         return jnp.diag(phi)
 
 
-_KEYWORDS = {"us": Unstructured, "diag": Diagonal}
+@dataclass(frozen=True)
+class HomDiagonal:
+    """Independent coefficients with one common variance: ``homdiag(1 + x | g)``."""
+
+    q: int
+    correlated = False
+    linear = True
+    n_params = 1
+
+    def factor(self, params):
+        return jnp.abs(params[0]) * jnp.eye(self.q, dtype=params.dtype)
+
+    def init(self) -> np.ndarray:
+        return np.ones(1)
+
+    @property
+    def boundary(self) -> np.ndarray:
+        return np.arange(1)
+
+    def canonical(self, params: np.ndarray) -> np.ndarray:
+        return np.abs(np.asarray(params, dtype=float))
+
+    def param_names(self, colnames) -> list[str]:
+        return ["sd"]
+
+    n_natural = 1
+
+    def natural_from_cov(self, Sigma):
+        i = np.arange(self.q)
+        return Sigma[..., i, i].mean(axis=-1, keepdims=True)
+
+    def cov_from_natural(self, phi):
+        return phi[0] * jnp.eye(self.q, dtype=phi.dtype)
+
+
+def _xp(a):
+    """numpy for numpy input (host-side results keep float64 without JAX's x64 mode), else jax.numpy."""
+    return np if isinstance(a, (np.ndarray, np.generic, float)) else jnp
+
+
+def _safe_ratio(num, den):
+    """num / den, and 0 where den is 0 (a correlation at a zero variance)."""
+    xp = _xp(num)
+    ok = den > 0
+    return xp.where(ok, num / xp.where(ok, den, 1.0), 0.0)
+
+
+@dataclass(frozen=True)
+class _Correlated:
+    """T = diag(|s|) L_R(ρ): relative SDs s (one, or one per coefficient) and one
+    correlation parameter; subclasses give ``rho(t)``, ``rho_inverse(ρ)`` and the
+    closed-form Cholesky factor ``chol(ρ)`` of their correlation matrix R(ρ)."""
+
+    q: int
+    homogeneous: bool = False
+    correlated = True
+    linear = False
+
+    @property
+    def n_sd(self) -> int:
+        return 1 if self.homogeneous else self.q
+
+    @property
+    def n_params(self) -> int:
+        return self.n_sd + 1
+
+    def _sd(self, params):
+        s = jnp.abs(params[: self.n_sd])
+        return jnp.broadcast_to(s, (self.q,)) if self.homogeneous else s
+
+    def factor(self, params):
+        return self._sd(params)[:, None] * self.chol(self.rho(params[-1]))
+
+    def init(self) -> np.ndarray:
+        return np.r_[np.ones(self.n_sd), self.rho_inverse(0.0)]
+
+    @property
+    def boundary(self) -> np.ndarray:
+        return np.arange(self.n_sd)
+
+    def canonical(self, params: np.ndarray) -> np.ndarray:
+        out = np.array(params, dtype=float)
+        out[: self.n_sd] = np.abs(out[: self.n_sd])
+        return out
+
+    def param_names(self, colnames) -> list[str]:
+        sds = ["sd"] if self.homogeneous else list(colnames)
+        return sds + [self.rho_name]
+
+    # natural parameters φ = (variances, ρ); Σ is nonlinear in ρ
+    @property
+    def n_natural(self) -> int:
+        return self.n_sd + 1
+
+    def natural_from_cov(self, Sigma):
+        i = np.arange(self.q)
+        v = Sigma[..., i, i]
+        rho = self.rho_from_cov(Sigma, v)
+        v = v.mean(axis=-1, keepdims=True) if self.homogeneous else v
+        return _xp(Sigma).concatenate([v, rho[..., None]], axis=-1)
+
+    def cov_from_natural(self, phi):
+        sd = jnp.sqrt(jnp.broadcast_to(phi[: self.n_sd], (self.q,)))
+        return sd[:, None] * self.correlation(phi[-1]) * sd[None, :]
+
+    def correlation(self, rho):
+        L = self.chol(rho)
+        return L @ L.T
+
+
+@dataclass(frozen=True)
+class CompoundSymmetry(_Correlated):
+    """Compound symmetry: corr(b_i, b_j) = ρ for i ≠ j, ρ ∈ (−1/(q−1), 1), with
+    heterogeneous (glmmTMB's ``cs``) or one common (``homcs``) variance.
+    ρ = −a + (1 + a)·logistic(t), a = 1/(q − 1)."""
+
+    rho_name = "rho"
+
+    def _a(self):
+        return 1.0 / (self.q - 1)
+
+    def rho(self, t):
+        a = self._a()
+        return -a + (1.0 + a) * jax.nn.sigmoid(t)
+
+    def rho_inverse(self, rho):
+        a = self._a()
+        u = (rho + a) / (1.0 + a)
+        return float(np.log(u / (1.0 - u)))
+
+    def chol(self, rho):
+        # R = (1 − ρ)I + ρ11ᵀ: every column j has one value c_j below its diagonal d_j,
+        # d_j² = 1 − Σ_{k<j} c_k²,  c_j = (ρ − Σ_{k<j} c_k²) / d_j
+        d, c, acc = [], [], jnp.zeros_like(rho)
+        for _ in range(self.q):
+            dj = jnp.sqrt(1.0 - acc)
+            cj = (rho - acc) / dj
+            d.append(dj)
+            c.append(cj)
+            acc = acc + cj * cj
+        d, c = jnp.stack(d), jnp.stack(c)
+        i = jnp.arange(self.q)
+        return jnp.where(i[:, None] > i[None, :], c[None, :], 0.0) + jnp.diag(d)
+
+    def rho_from_cov(self, Sigma, v):
+        sd = _xp(v).sqrt(v)
+        r, c = np.tril_indices(self.q, -1)
+        return _safe_ratio(Sigma[..., r, c], sd[..., r] * sd[..., c]).mean(axis=-1)
+
+
+@dataclass(frozen=True)
+class AR1(_Correlated):
+    """AR(1) across the term's coefficients in order (e.g. the levels of a visit factor):
+    corr(b_i, b_j) = ρ^|i−j|, ρ = tanh(t); homogeneous variance (glmmTMB's ``ar1``) or
+    one per coefficient (``hetar1``).  Cholesky factor: L_{i0} = ρⁱ,
+    L_{ij} = ρ^{i−j}·√(1 − ρ²) for 1 ≤ j ≤ i."""
+
+    homogeneous: bool = True
+    rho_name = "phi"
+
+    def rho(self, t):
+        return jnp.tanh(t)
+
+    def rho_inverse(self, rho):
+        return float(np.arctanh(rho))
+
+    def chol(self, rho):
+        i = np.arange(self.q)
+        lag = np.maximum(i[:, None] - i[None, :], 0)
+        powers = jnp.stack([rho**k if k else jnp.ones_like(rho) for k in range(self.q)])[lag]
+        scale = jnp.where(i == 0, 1.0, jnp.sqrt(1.0 - rho * rho))[None, :]
+        return jnp.where(i[:, None] >= i[None, :], powers * scale, 0.0)
+
+    def rho_from_cov(self, Sigma, v):
+        sd = _xp(v).sqrt(v)
+        return _safe_ratio(Sigma[..., 1, 0], sd[..., 0] * sd[..., 1])
+
+
+_KEYWORDS = {
+    "us": Unstructured,
+    "diag": Diagonal,
+    "homdiag": HomDiagonal,
+    "cs": CompoundSymmetry,
+    "homcs": lambda q: CompoundSymmetry(q, homogeneous=True),
+    "ar1": AR1,
+    "hetar1": lambda q: AR1(q, homogeneous=False),
+}
 
 
 def make_structure(keyword: str, q: int):
-    """The structure object for a formula keyword (``us``, ``diag``) and term size ``q``."""
+    """The structure object for a formula keyword and term size ``q``."""
     if q == 1:
         return Unstructured(1)
     try:
         return _KEYWORDS[keyword](q)
     except KeyError:
         raise NotImplementedError(
-            f"covariance structure {keyword}(...) is not available yet; "
+            f"covariance structure {keyword}(...) is not available; "
             f"use one of {sorted(_KEYWORDS)}"
         ) from None

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from formulaic import Formula, model_matrix
+from formulaic.transforms import C
 
 from .covariance import make_structure
 from .formula import ParsedFormula, RandomTerm, parse_formula
@@ -35,6 +36,11 @@ __all__ = ["Design", "RandomBlock", "build_design", "design_stats", "response_st
 
 class DataError(ValueError):
     """The data cannot be used with the formula (missing column, bad values, …)."""
+
+
+#: R spellings formulaic does not know: ``factor(x)`` is formulaic's ``C(x)`` (columns
+#: then get R's names, ``factor(visit)3``)
+FORMULA_CONTEXT = {"factor": C}
 
 
 def r_name(name: str) -> str:
@@ -120,7 +126,7 @@ def _variables_cached(expr: str) -> frozenset:
 
 def _variables(expr: str) -> set[str]:
     try:
-        return set(_variables_cached(expr))
+        return set(_variables_cached(expr)) - set(FORMULA_CONTEXT)
     except Exception as exc:
         raise DataError(f"cannot parse {expr!r}: {exc}") from None
 
@@ -194,7 +200,7 @@ def level_index(block: "RandomBlock", data: pd.DataFrame) -> np.ndarray:
 
 def _model_matrix(rhs: str, data: pd.DataFrame, where: str):
     try:
-        mm = model_matrix(rhs, data, na_action="ignore")
+        mm = model_matrix(rhs, data, na_action="ignore", context=FORMULA_CONTEXT)
     except Exception as exc:
         raise DataError(f"cannot build the {where} model matrix from {rhs!r}: {exc}") from None
     return mm
@@ -316,7 +322,9 @@ def build_design(formula: str | ParsedFormula, data: pd.DataFrame, require_respo
                 f"number of levels of grouping factor {b.group!r} ({b.n_levels}) must be "
                 f"less than the number of observations ({n})"
             )
-        if b.n_levels * b.q >= n and n > 0:
+        # lme4's check.nobs.vs.nRE, for the full (us/diag) parameterizations; a
+        # structured term (ar1, cs, …) with a residual is identified by its structure
+        if b.n_levels * b.q >= n and n > 0 and b.structure.n_params >= b.q:
             raise DataError(
                 f"number of observations ({n}) <= number of random effects "
                 f"({b.n_levels * b.q}) for term {b.term}; the random-effects parameters and "

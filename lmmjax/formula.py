@@ -9,9 +9,10 @@
   inner factor) and ``(x || g)`` becomes ``(1 | g) + (0 + x | g)``
   (``lme4::expandDoubleVerts``).
 
-A term may be wrapped in a covariance-structure keyword in glmmTMB spelling,
-``us(1 + x | g)`` or ``diag(1 + x | g)``; the keyword is kept on the term and
-resolved by :mod:`lmmjax.covariance`.
+A term may be wrapped in a covariance-structure keyword in glmmTMB spelling —
+``us(1 + x | g)``, ``diag(…)``, ``homdiag(…)``, ``cs(0 + f | g)``, ``homcs(…)``,
+``ar1(0 + f | g)``, ``hetar1(…)`` —; the keyword is kept on the term and resolved
+by :mod:`lmmjax.covariance`.
 
 This module is pure string handling: it does not look at data.
 """
@@ -25,7 +26,7 @@ from formulaic import Formula
 __all__ = ["RandomTerm", "ParsedFormula", "parse_formula"]
 
 #: keywords accepted as wrappers around a bar term, e.g. ``diag(1 + x | g)``
-STRUCTURE_KEYWORDS = ("us", "diag", "cs", "ar1", "homdiag", "homcs")
+STRUCTURE_KEYWORDS = ("us", "diag", "cs", "ar1", "homdiag", "homcs", "hetar1")
 
 
 class FormulaError(ValueError):

@@ -19,7 +19,11 @@ With r² = S_yy − S_xyᵀS_xx⁻¹S_xy the profiled criteria are (Pinheiro & B
 
 and Var(β̂) = σ̂² S_xx⁻¹.  Satterthwaite df use the observed Hessian of the unprofiled
 criterion in (ψ, σ) (central differences of its autodiff gradient) and ∂Var(β̂)/∂(ψ, σ) — for every structure,
-built-in or user-defined.
+built-in or user-defined.  Kenward-Roger is the full K&R (1997) adjustment, with the
+second-derivative terms R_ij = XᵀV⁻¹(∂²V/∂φ_i∂φ_j)V⁻¹X, from per-group autodiff
+derivatives of V_g (:func:`_kr_pieces`), in φ = (random-effect natural parameters, the
+residual structure's own unconstrained parameters, σ²) — like mmrm's "Kenward-Roger",
+which also works in its internal parameters.
 """
 from __future__ import annotations
 
@@ -36,7 +40,8 @@ from ._cache import no_persistent_cache
 from ._compute import precision
 from ._linalg import gauss_jordan
 from .design import DataError, build_design
-from .inference import _satt_df_rows, normalize_ddf, t_columns, unprofiled_deviance, vcov_varpar
+from .inference import (_satt_df_rows, kr_adjusted, kr_test, normalize_ddf, t_columns, unprofiled_deviance,
+                        vcov_varpar)
 from .likelihood import criterion
 from .residual import ResidualStructure, combine
 
@@ -136,6 +141,59 @@ def _unprofiled_grad(vp, data, spec, reml):
 
 
 _vcov_beta_jit = jax.jit(_vcov_beta, static_argnames=("spec",))
+
+
+def _kr_varcov(phi, data, spec: _Spec):
+    """Var(y_g) = σ² W_g C_g W_g + Z_g (⊕_k Σ_k) Z_gᵀ per group in the Kenward-Roger
+    parameters φ = (each random-effect term's natural parameters, the residual
+    structure's own parameters, σ²), padded rows with unit variance: (G, m, m)."""
+    off, Sig = 0, []
+    for s in spec.structures:
+        Sig.append(s.cov_from_natural(phi[off: off + s.n_natural]))
+        off += s.n_natural
+    rp, s2 = phi[off:-1], phi[-1]
+
+    def one(rows, mask, Z):
+        m = mask.shape[0]
+        C = spec.residual.correlation(rp, rows)
+        C = jnp.eye(m, dtype=phi.dtype) if C is None else C
+        sd = spec.residual.sd(rp, rows)
+        V = s2 * (C if sd is None else C * sd[:, None] * sd[None, :])
+        if Sig:
+            V = V + Z @ jax.scipy.linalg.block_diag(*Sig) @ Z.T
+        return jnp.where(mask[:, None] & mask[None, :], V, jnp.eye(m, dtype=V.dtype))
+
+    return jax.vmap(one)(data["rows"], data["mask"], data["Z"])
+
+
+@partial(jax.jit, static_argnames=("spec",))
+def _kr_pieces(phi, data, spec: _Spec):
+    """Kenward & Roger's (1997) P_i, Q_ij, R_ij and expected information, summed over groups
+    from V_g, V_g,i = ∂V_g/∂φ_i and V_g,ij (autodiff of :func:`_kr_varcov`) with
+    A_g = V_g⁻¹X_g (Gauss-Jordan, vmapped):  M = Σ X_gᵀA_g,  P_i = −Σ A_gᵀV_g,iA_g,
+    Q_ij = Σ A_gᵀV_g,iV_g⁻¹V_g,jA_g,  R_ij = Σ A_gᵀV_g,ijA_g,
+    I_E,ij = ½[Σ tr(V_g⁻¹V_g,iV_g⁻¹V_g,j) − 2 tr(M⁻¹Q_ij) + tr(M⁻¹P_iM⁻¹P_j)] = ½ tr(ΠV_iΠV_j)."""
+    p = spec.p
+    X = data["XY"][..., :p]
+    V = _kr_varcov(phi, data, spec)
+    Vi = jnp.moveaxis(jax.jacfwd(_kr_varcov)(phi, data, spec), -1, 0)                       # (k, G, m, m)
+    Vij = jnp.moveaxis(jax.jacfwd(jax.jacfwd(_kr_varcov))(phi, data, spec), (-2, -1), (0, 1))  # (k, k, G, m, m)
+    m = V.shape[-1]
+    eye = jnp.broadcast_to(jnp.eye(m, dtype=V.dtype), V.shape)
+    sol = jax.vmap(lambda a, b: gauss_jordan(a, b)[0])(V, jnp.concatenate([X, eye], axis=-1))
+    A, Vinv = sol[..., :p], sol[..., p:]
+    M = jnp.einsum("gap,gaq->pq", X, A)
+    Minv = jnp.linalg.inv(M)
+    VA = jnp.einsum("igab,gbp->igap", Vi, A)
+    B = jnp.einsum("gab,igbc->igac", Vinv, Vi)                    # V⁻¹V_i
+    P = -jnp.einsum("gap,igaq->pqi", A, VA)
+    Q = jnp.einsum("igap,gab,jgbq->pqij", VA, Vinv, VA)
+    R = jnp.einsum("gap,ijgab,gbq->pqij", A, Vij, A)
+    tr_vv = jnp.einsum("igab,jgba->ij", B, B)
+    IE = 0.5 * (tr_vv - 2.0 * jnp.einsum("qp,pqij->ij", Minv, Q)
+                + jnp.einsum("ab,bci,cd,daj->ij", Minv, P, Minv, P))
+    HM = Q + jnp.swapaxes(Q, -1, -2) - R                          # ∂²M/∂φ_i∂φ_j
+    return M, P, HM, IE, R
 
 
 def _satterthwaite(vp, data, spec, reml):
@@ -334,9 +392,29 @@ class GroupedResult:
         rows.append(("Residual", None, None, self.sigma**2, self.sigma))
         return pd.DataFrame(rows, columns=["group", "term1", "term2", "vcov", "sdcor"])
 
+    def kr_parameters(self) -> np.ndarray:
+        """φ at the fit: each random-effect term's natural parameters (entries of Σ_k, or
+        variances and ρ), the residual structure's own parameters, σ²."""
+        covs = [C.to_numpy() for C in self.covariance_matrices()]
+        nat = [s.natural_from_cov(C) for s, C in zip(self._spec.structures, covs)]
+        return np.concatenate(nat + [self.psi[self._spec.n_theta:], [self.sigma**2]])
+
+    def _kenward_roger(self):
+        """(Φ, Φ_A, W, P) of Kenward & Roger (1997) with the second-derivative terms R_ij
+        (V is nonlinear in correlation and variance-function parameters)."""
+        if not self.reml:
+            raise ValueError("Kenward-Roger needs a REML fit; refit with reml=True")
+        if not hasattr(self, "_kr"):
+            with precision("float64"), no_persistent_cache():
+                out = _kr_pieces(jax.device_put(self.kr_parameters()), self._data, self._spec)
+                self._kr = kr_adjusted(*jax.device_get(out))
+        return self._kr
+
     def coef_table(self, ddf: str = "satterthwaite", level: float = 0.95) -> pd.DataFrame:
         """Fixed effects: estimate, se, df, t, p, CI.  ddf: "satterthwaite" (autodiff, any
-        structure), "residual" (n − p, what nlme's gls reports), "asymptotic" (z)."""
+        structure), "kenward-roger" (K&R 1997 with the R_ij terms, in the parameters of
+        :meth:`kr_parameters`: adjusted SEs and df), "residual" (n − p, what nlme's gls
+        reports), "asymptotic" (z)."""
         ddf = normalize_ddf(ddf)
         beta = self.fixef.to_numpy()
         C = self.vcov.to_numpy()
@@ -352,8 +430,9 @@ class GroupedResult:
         elif ddf == "asymptotic":
             df = np.full(p, np.inf)
         else:
-            raise NotImplementedError("Kenward-Roger for residual covariance structures is not available yet; "
-                                      "use ddf='satterthwaite'")
+            Phi, PhiA, W, Pk = self._kenward_roger()
+            se = np.sqrt(np.diag(PhiA))
+            df = np.array([kr_test(np.eye(p)[i], beta, Phi, PhiA, W, Pk)["den_df"] for i in range(p)])
         return pd.DataFrame({"estimate": beta, "se": se, "df": df, **t_columns(beta, se, df, level)},
                             index=self.fixef.index)
 

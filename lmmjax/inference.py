@@ -23,7 +23,19 @@ R_ij vanish; *expected* information.  With M(φ) = XᵀV⁻¹X, Φ = M⁻¹:
     I_E  = ½ tr(P G_i P G_j) = −½ ∂²[log|V| + log|M|]/∂φ_i∂φ_j   (P the REML projection)
     W    = I_E⁻¹,   Φ_A = Φ + 2Φ[Σ W_ij (Q_ij − P_iΦP_j)]Φ
 
-and the scaled F / denominator df of K&R's eq. (1997, sec. 4).  Nothing of size
+and the scaled F / denominator df of K&R's eq. (1997, sec. 4).
+
+**Structures nonlinear in their parameters** (cs, ar1: φ_k = (variances, ρ)): the full
+K&R (1997) adjustment, which pbkrtest never needs, in the structures' natural
+parameters —
+
+    Φ_A = Φ + 2Φ[Σ W_ij (Q_ij − P_iΦP_j − ¼R_ij)]Φ,   R_ij = XᵀV⁻¹(∂²V/∂φ_i∂φ_j)V⁻¹X,
+    I_E = ½ tr(P V_i P V_j)  (expected information, not −½ ∂²ld, which adds ½tr(P V_ij)),
+
+with R and tr(P V_ij) obtained by the chain rule through the coordinates s in which V
+is linear (:func:`kr_second_order`).  The R terms make the adjustment depend on the
+parameterization: ours is (variances, correlation), as K&R's own examples.  For linear
+structures R = 0 and this is exactly pbkrtest.  Nothing of size
 n × n is formed: M, log|V| and log|M| come from the q × q cross-products
 (log|V| = n log σ² + log|I + ZᵀZ S|, V⁻¹ by the push-through identity with
 S = D/σ², which stays valid when a variance is 0).
@@ -40,9 +52,10 @@ import numpy as np
 from ._compute import precision, to_device
 from ._dist import f_sf, t_ppf, t_sf
 from ._linalg import gauss_jordan
+from .covariance import Unstructured
 from .likelihood import Layout, factorize
 
-__all__ = ["satterthwaite_derivatives", "kr_derivatives", "satterthwaite_test", "kr_test",
+__all__ = ["satterthwaite_derivatives", "kr_derivatives", "kr_second_order", "satterthwaite_test", "kr_test",
            "natural_parameters", "dense_crossproducts"]
 
 EIG_TOL = 1e-8  # lmerTest's tolerance for the eigenvalues of H
@@ -215,26 +228,69 @@ def _kr_pieces(phi, dense, layout: Layout, lapack: bool = True):
     return M, n * jnp.log(s2) + logdet_b + logdet_m
 
 
-@partial(jax.jit, static_argnames=("layout",))
-def kr_derivatives(phi, dense, layout: Layout):
-    """(M, P, HM, IE): M = XᵀV⁻¹X, P_i = ∂M/∂φ_i (p,p,k), HM = ∂²M (p,p,k,k), and the
-    expected REML information I_E (k, k)."""
-    def m_of(ph):
-        return _kr_pieces(ph, dense, layout)[0]
+def kr_second_order(phi, m_of, ld_of, s_of=None, m_lin=None, ld_lin=None):
+    """(M, P, HM, IE, R) at φ for Kenward-Roger, from ``m_of(φ) = XᵀV⁻¹X`` and
+    ``ld_of(φ) = log|V| + log|XᵀV⁻¹X|``.
 
-    def ld_of(ph):
-        return _kr_pieces(ph, dense, layout)[1]
+    When V is nonlinear in φ, ``s_of`` maps φ to coordinates s in which V *is* linear
+    (entries of each Σ_k, σ², …) and ``m_lin``/``ld_lin`` are m/ld as functions of s.
+    With V_ij = Σ_a (∂²s_a/∂φ_i∂φ_j) ∂V/∂s_a:
 
+        R_ij = XᵀV⁻¹V_ijV⁻¹X = −Σ_a (∂M/∂s_a) ∂²s_a/∂φ_i∂φ_j
+        I_E  = ½ tr(PV_iPV_j) = −½ ∂²ld/∂φ_i∂φ_j + ½ Σ_a (∂ld/∂s_a) ∂²s_a/∂φ_i∂φ_j
+
+    (tr(P V_ij) is ∂ld/∂s contracted with ∂²s).  Without ``s_of``, R = 0."""
     M = m_of(phi)
     P = jax.jacfwd(m_of)(phi)
     HM = jax.jacfwd(jax.jacfwd(m_of))(phi)
     IE = -0.5 * jax.hessian(ld_of)(phi)
-    return M, P, HM, IE
+    if s_of is None:
+        return M, P, HM, IE, jnp.zeros_like(HM)
+    s = s_of(phi)
+    sec = jax.hessian(s_of)(phi)                       # (n_s, k, k)
+    R = -jnp.einsum("abs,sij->abij", jax.jacfwd(m_lin)(s), sec)
+    IE = IE + 0.5 * jnp.einsum("s,sij->ij", jax.grad(ld_lin)(s), sec)
+    return M, P, HM, IE, R
 
 
-def kr_adjusted(M, P, HM, IE):
-    """Φ, Φ_A (pbkrtest's ``vcovAdj``), W, and P (as (…, k, p, p)) as numpy arrays;
-    every input may carry leading batch axes."""
+def linear_coordinates(layout: Layout):
+    """For a layout with nonlinear structures (cs, ar1): the map φ → s (each Σ_k's
+    lower triangle, then σ²) and the all-unstructured layout in which V is linear in s;
+    ``None`` when every structure is linear already."""
+    if all(getattr(s, "linear", True) for s in layout.structures):
+        return None
+    lin = Layout(tuple(Unstructured(s.q) for s in layout.structures), layout.n_levels)
+
+    def s_of(phi):
+        out, off = [], 0
+        for st, u in zip(layout.structures, lin.structures):
+            out.append(u.natural_from_cov(st.cov_from_natural(phi[off: off + st.n_natural])))
+            off += st.n_natural
+        return jnp.concatenate(out + [phi[-1:]])
+
+    return s_of, lin
+
+
+@partial(jax.jit, static_argnames=("layout",))
+def kr_derivatives(phi, dense, layout: Layout):
+    """(M, P, HM, IE, R): M = XᵀV⁻¹X, P_i = ∂M/∂φ_i (p,p,k), HM = ∂²M (p,p,k,k), the
+    expected REML information I_E (k, k) and the second-derivative terms R (p,p,k,k)."""
+    lin = linear_coordinates(layout)
+    m_of = lambda ph: _kr_pieces(ph, dense, layout)[0]  # noqa: E731
+    ld_of = lambda ph: _kr_pieces(ph, dense, layout)[1]  # noqa: E731
+    if lin is None:
+        return kr_second_order(phi, m_of, ld_of)
+    s_of, lay = lin
+    return kr_second_order(phi, m_of, ld_of, s_of,
+                           lambda s: _kr_pieces(s, dense, lay)[0], lambda s: _kr_pieces(s, dense, lay)[1])
+
+
+def kr_adjusted(M, P, HM, IE, R=None):
+    """Φ, Φ_A (pbkrtest's ``vcovAdj``; with K&R's −¼R_ij terms when ``R`` is given), W,
+    and P (as (…, k, p, p)) as numpy arrays; every input may carry leading batch axes.
+
+    Φ_A = Φ + 2Φ[Σ_ij W_ij (Q_ij − P_iΦP_j − ¼R_ij)]Φ with Σ W_ij Q_ij = ½ Σ W_ij (HM_ij + R_ij)
+    (∂²M/∂φ_i∂φ_j = Q_ij + Q_ji − R_ij), i.e. the bracket is ½W·HM + ¼W·R − W·PΦP."""
     M, P, HM, IE = (np.asarray(a, float) for a in (M, P, HM, IE))
     Phi = np.linalg.inv(M)
     Phi = 0.5 * (Phi + np.swapaxes(Phi, -1, -2))
@@ -245,6 +301,8 @@ def kr_adjusted(M, P, HM, IE):
     Pk = np.moveaxis(P, -1, -3)                     # (…, k, p, p)
     PPhiP = np.einsum("...iab,...bc,...jcd->...ijad", Pk, Phi, Pk)
     U = 0.5 * np.einsum("...ij,...abij->...ab", W, HM) - np.einsum("...ij,...ijad->...ad", W, PPhiP)
+    if R is not None:
+        U = U + 0.25 * np.einsum("...ij,...abij->...ab", W, np.asarray(R, float))
     PhiA = Phi + 2.0 * Phi @ U @ Phi
     return Phi, 0.5 * (PhiA + np.swapaxes(PhiA, -1, -2)), W, Pk
 

@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from .design import DataError, Design, level_index
+from .design import FORMULA_CONTEXT, DataError, Design, level_index
 from .formula import parse_formula
 from .inference import InferenceMixin
 from .optimize import OptimizeResult
@@ -180,7 +180,7 @@ class LmerResult(InferenceMixin):
         if not isinstance(newdata, pd.DataFrame):
             raise DataError(f"newdata must be a pandas DataFrame, got {type(newdata).__name__}")
         try:
-            Xn = np.asarray(self.design.fixed_spec.get_model_matrix(newdata, na_action="ignore"), float)
+            Xn = np.asarray(self.design.fixed_spec.get_model_matrix(newdata, na_action="ignore", context=FORMULA_CONTEXT), float)
         except Exception as exc:
             raise DataError(f"cannot build the fixed-effects matrix for newdata: {exc}") from None
         out = Xn[:, self.design.x_keep] @ self.fixef.to_numpy()
@@ -190,7 +190,7 @@ class LmerResult(InferenceMixin):
             missing = [f for f in blk.term.factors if f not in newdata.columns]
             if missing:
                 raise DataError(f"newdata lacks grouping column(s) {missing} needed by {blk.term}")
-            Zn = np.asarray(blk.spec.get_model_matrix(newdata, na_action="ignore"), float)
+            Zn = np.asarray(blk.spec.get_model_matrix(newdata, na_action="ignore", context=FORMULA_CONTEXT), float)
             idx = level_index(blk, newdata)
             new = idx < 0
             if new.any() and not allow_new_levels:

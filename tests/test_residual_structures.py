@@ -95,3 +95,61 @@ def test_matches_nlme(path):
     ct = m.coef_table()
     assert np.all(np.isfinite(ct["df"])) and np.all(ct["df"] > 0)
     assert np.all(m.coef_table(ddf="residual")["df"] == m.nobs - len(est))
+
+
+def _orthodont():
+    df = pd.read_csv(FIX / "reference" / "data" / "Orthodont.csv")
+    df["Sex"] = pd.Categorical(df["Sex"], categories=["Male", "Female"])
+    return df
+
+
+def test_kenward_roger_linear_case_equals_lmer():
+    """With no residual parameters V is linear in φ = (σ²_b, σ²): the per-group KR of the
+    residual-structure engine equals lmer's pbkrtest-validated KR (1e-8 relative)."""
+    df = _orthodont()
+    a = lmmjax.lmer("distance ~ age * Sex + (1 | Subject)", df).coef_table("kenward-roger")
+    b = lmmjax.lmer("distance ~ age * Sex + (1 | Subject)", df,
+                    residual=cov.ResidualStructure()).coef_table("kenward-roger")
+    for col in ("se", "df", "p"):
+        np.testing.assert_allclose(b[col], a[col], rtol=1e-8)
+
+
+def _longsim():
+    df = pd.read_csv(FIX / "structures" / "data" / "longsim.csv")
+    df["trt"] = pd.Categorical(df["trt"], categories=["ctl", "trt"])
+    return df
+
+
+@pytest.mark.parametrize("formula,residual,data", [
+    ("distance ~ age * Sex", [cov.AR1(group="Subject")], _orthodont),
+    ("distance ~ age * Sex", [cov.CompoundSymmetry(group="Subject"), cov.VarIdent(by="Sex")], _orthodont),
+    ("y ~ trt * time + (1 | subject)", [cov.AR1(group="subject", time="visit")], _longsim),
+], ids=["gls_ar1", "gls_cs_varident", "lme_ar1"])
+def test_kenward_roger_nonlinear_matches_dense(formula, residual, data):
+    """KR with the second-derivative terms (V nonlinear in ρ, variance ratios) from per-group
+    sums equals the n × n formulas (tests/kr_dense.py) to 1e-9; the R terms matter."""
+    import jax
+    import jax.numpy as jnp
+    from kr_dense import dense_kr
+
+    from lmmjax._compute import precision
+    from lmmjax.gls import _kr_varcov
+
+    m = lmmjax.lmer(formula, data(), residual=residual) if "|" in formula else \
+        lmmjax.gls(formula, data(), residual=residual)
+    Phi, PhiA, W, _ = m._kenward_roger()
+    mask = np.asarray(m._data["mask"])
+    with precision("float64"):
+        phi = jnp.asarray(m.kr_parameters())
+        X = jnp.asarray(np.asarray(m._data["XY"])[mask][:, : m.design.p])
+
+        def V_of(ph):
+            Vg = _kr_varcov(ph, m._data, m._spec)
+            return jax.scipy.linalg.block_diag(*[Vg[g][np.ix_(mask[g], mask[g])] for g in range(mask.shape[0])])
+
+        PhiA_d, W_d, PhiA_no_R = dense_kr(V_of, phi, X)
+    np.testing.assert_allclose(W, W_d, rtol=1e-9, atol=1e-12 * np.abs(W_d).max())
+    np.testing.assert_allclose(PhiA, PhiA_d, rtol=1e-9)
+    assert np.max(np.abs(PhiA_no_R - PhiA) / np.abs(PhiA)) > 1e-6
+    tab = m.coef_table("kenward-roger")
+    assert np.all(tab["se"].to_numpy() >= np.sqrt(np.diag(Phi)) * (1 - 1e-12)) and np.all(tab["df"] > 0)
