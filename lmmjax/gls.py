@@ -27,6 +27,7 @@ which also works in its internal parameters.
 """
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from functools import partial
@@ -51,10 +52,19 @@ _ONE = "_lmmjax_one_"
 
 
 class _Spec:
-    """Static (hashable by identity) description of a grouped model for jit."""
+    """Static description of a grouped model for jit, hashed by value (the random-effect
+    structures, the prepared residual structure's :meth:`key`, p): one compilation per
+    design, reused by refits.  ``residual`` is the fit's own copy, never prepared again."""
 
     def __init__(self, structures, residual, n_theta, p):
         self.structures, self.residual, self.n_theta, self.p = tuple(structures), residual, n_theta, p
+        self._key = (self.structures, residual.key(), n_theta, p)
+
+    def __eq__(self, other):
+        return isinstance(other, _Spec) and self._key == other._key
+
+    def __hash__(self):
+        return hash(self._key)
 
 
 def _group_parts(psi, data, spec: _Spec):
@@ -120,9 +130,17 @@ def _value_and_grad(psi, data, spec, reml):
     return jax.value_and_grad(grouped_criterion)(psi, data, spec, reml)
 
 
-@partial(jax.jit, static_argnames=("spec", "reml"))
-def _hessian(psi, data, spec, reml):
-    return jax.hessian(grouped_criterion)(psi, data, spec, reml)
+def _hessian(fg, psi):
+    """Central differences of the exact gradient: no second-order program to compile
+    (that compile was the largest part of a cold gls fit)."""
+    k = psi.size
+    h = 1e-5 * np.maximum(1.0, np.abs(psi))
+    H = np.empty((k, k))
+    for i in range(k):
+        e = np.zeros(k)
+        e[i] = h[i]
+        H[:, i] = (fg(psi + e)[1] - fg(psi - e)[1]) / (2 * h[i])
+    return 0.5 * (H + H.T)
 
 
 @partial(jax.jit, static_argnames=("spec", "reml"))
@@ -229,8 +247,11 @@ def _padded(design, frame: pd.DataFrame, residual: ResidualStructure, group_code
     m = int(counts.max())
     pos = np.arange(n) - np.repeat(np.cumsum(counts) - counts, counts)
 
-    def pad(a, fill=0.0):
+    def pad(a, fill=None):
+        # padded rows repeat the first row's value, a valid input for any structure
+        # (a zero covariate would give VarPower 0**δ = inf and NaN gradients)
         a = np.asarray(a, float)
+        fill = (a[0] if len(a) else 0.0) if fill is None else fill
         out = np.full((n_groups, m) + a.shape[1:], fill)
         out[codes, pos] = a[order]
         return out
@@ -241,7 +262,7 @@ def _padded(design, frame: pd.DataFrame, residual: ResidualStructure, group_code
     Z = np.column_stack(Zs) if Zs else np.zeros((n, 0))
     mask = np.zeros((n_groups, m), bool)
     mask[codes, pos] = True
-    return dict(rows={k: pad(v) for k, v in prepared.items()}, XY=pad(XY), Z=pad(Z), mask=mask,
+    return dict(rows={k: pad(v) for k, v in prepared.items()}, XY=pad(XY, 0.0), Z=pad(Z, 0.0), mask=mask,
                 n=float(n)), m
 
 
@@ -266,7 +287,8 @@ def _residual_groups(design, frame, residual) -> np.ndarray:
 def fit_grouped(formula: str, data: pd.DataFrame, residual, reml: bool = True, dtype: str = "float64",
                 engine: str = "lmer"):
     """Fit a (mixed) model with a residual covariance structure; see :func:`gls`."""
-    residual = combine(residual if isinstance(residual, (list, tuple)) else [residual])
+    # a private copy: prepare() below stores what it learns from this data set on it
+    residual = copy.deepcopy(combine(residual if isinstance(residual, (list, tuple)) else [residual]))
     cols = residual.columns
     missing = [c for c in cols if c not in data.columns]
     if missing:
@@ -303,7 +325,9 @@ def fit_grouped(formula: str, data: pd.DataFrame, residual, reml: bool = True, d
         # Newton polish with the exact Hessian
         for _ in range(5):
             v, g = fg(psi)
-            H = np.asarray(_hessian(jax.device_put(np.asarray(psi, dt)), dev, spec, reml), float)
+            if np.max(np.abs(g)) < 1e-8:
+                break
+            H = _hessian(fg, psi)
             try:
                 step = np.linalg.solve(H, g)
             except np.linalg.LinAlgError:
@@ -312,9 +336,8 @@ def fit_grouped(formula: str, data: pd.DataFrame, residual, reml: bool = True, d
                 break
             psi = psi - step
         v, g = fg(psi)
-        H = np.asarray(_hessian(jax.device_put(np.asarray(psi, dt)), dev, spec, reml), float)
         sol = jax.tree.map(lambda a: np.asarray(a, float), _solution(jax.device_put(np.asarray(psi, dt)), dev, spec, reml))
-    return GroupedResult(design, frame, residual, spec, dev, psi, v, g, H, sol, reml, dtype, engine, m)
+    return GroupedResult(design, frame, residual, spec, dev, psi, v, g, sol, reml, dtype, engine, m)
 
 
 def gls(formula: str, data: pd.DataFrame, reml: bool = True, residual=None, dtype: str = "float64"):
@@ -332,10 +355,10 @@ class GroupedResult:
     """A fitted model with a residual structure: fixef, vcov, sigma, loglik, aic, bic,
     residual_params (natural scale), varcorr, coef_table(ddf)."""
 
-    def __init__(self, design, frame, residual, spec, data, psi, crit, grad, hess, sol, reml, dtype, engine, m):
+    def __init__(self, design, frame, residual, spec, data, psi, crit, grad, sol, reml, dtype, engine, m):
         self.design, self.frame, self.residual, self._spec, self._data = design, frame, residual, spec, data
         self.psi, self.criterion, self.reml, self.dtype, self.engine = psi, float(crit), reml, dtype, engine
-        self._grad, self._hess = grad, hess
+        self._grad = grad
         names = design.xnames
         self.fixef = pd.Series(sol["beta"], index=names, name="estimate")
         self.vcov = pd.DataFrame(sol["vcov"], index=names, columns=names)

@@ -62,6 +62,26 @@ class ResidualStructure:
     def __mul__(self, other):
         return combine([self, other])
 
+    def _slot(self, kind: str) -> str:
+        """Key of a prepared per-row array: the same for equal structures, so a refit of
+        the same design reuses the compiled programs."""
+        return f"{type(self).__name__}.{kind}:{','.join(map(str, self.columns))}"
+
+    def key(self) -> tuple:
+        """Value identity (class and attributes, including what ``prepare`` learned from
+        the data): equal keys mean the same compiled program serves both."""
+        def frozen(v):
+            if isinstance(v, ResidualStructure):
+                return v.key()
+            if isinstance(v, (list, tuple)):
+                return tuple(frozen(x) for x in v)
+            if isinstance(v, np.generic):
+                return v.item()
+            if isinstance(v, np.ndarray):
+                return (v.shape, tuple(v.ravel().tolist()))
+            return v
+        return (type(self),) + tuple(sorted((k, frozen(v)) for k, v in vars(self).items()))
+
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({args})"
@@ -90,7 +110,7 @@ class Correlation(ResidualStructure):
             t = frame.groupby(self.group, sort=False, observed=True).cumcount().to_numpy(float)
         else:
             t = pd.to_numeric(frame[self.time], errors="raise").to_numpy(float)
-        return {f"t:{id(self)}": t}
+        return {self._slot("t"): t}
 
     def transform(self, u):
         return jnp.tanh(u)
@@ -99,7 +119,7 @@ class Correlation(ResidualStructure):
         raise NotImplementedError
 
     def correlation(self, params, rows):
-        t = rows[f"t:{id(self)}"]
+        t = rows[self._slot("t")]
         d = jnp.abs(t[:, None] - t[None, :])
         C = self.kernel(d, self.transform(params[0]))
         return jnp.where(jnp.eye(t.shape[0], dtype=bool), 1.0, C)
@@ -192,7 +212,7 @@ class Unstructured(ResidualStructure):
         else:
             v = frame[self.time].to_numpy()
         self._levels = sorted(pd.unique(v))
-        return {f"v:{id(self)}": pd.Index(self._levels).get_indexer(v).astype(float)}
+        return {self._slot("v"): pd.Index(self._levels).get_indexer(v).astype(float)}
 
     def _pairs(self):
         K = len(self._levels)
@@ -216,7 +236,7 @@ class Unstructured(ResidualStructure):
         return S * d[:, None] * d[None, :]
 
     def correlation(self, params, rows):
-        v = rows[f"v:{id(self)}"].astype(jnp.int32)
+        v = rows[self._slot("v")].astype(jnp.int32)
         return self.full(params)[v[:, None], v[None, :]]
 
     def natural(self, params):
@@ -245,13 +265,13 @@ class VarIdent(ResidualStructure):
     def prepare(self, frame):
         v = frame[self.by].to_numpy()
         self._levels = list(pd.unique(v))
-        return {f"s:{id(self)}": pd.Index(self._levels).get_indexer(v).astype(float)}
+        return {self._slot("s"): pd.Index(self._levels).get_indexer(v).astype(float)}
 
     def param_names(self):
         return [f"ratio:{x.item() if hasattr(x, 'item') else x}" for x in self._levels[1:]]
 
     def sd(self, params, rows):
-        s = rows[f"s:{id(self)}"].astype(jnp.int32)
+        s = rows[self._slot("s")].astype(jnp.int32)
         ratios = jnp.concatenate([jnp.ones(1, params.dtype), jnp.exp(params)])
         return ratios[s]
 
@@ -278,10 +298,10 @@ class VarPower(ResidualStructure):
         v = pd.to_numeric(frame[self.covariate], errors="raise").to_numpy(float)
         if np.any(v == 0):
             raise ValueError(f"VarPower: column {self.covariate!r} has zeros; |v|^δ is then 0 or infinite")
-        return {f"p:{id(self)}": np.abs(v)}
+        return {self._slot("p"): np.abs(v)}
 
     def sd(self, params, rows):
-        return rows[f"p:{id(self)}"] ** params[0]
+        return rows[self._slot("p")] ** params[0]
 
     def natural(self, params):
         return {"power": float(params[0])}

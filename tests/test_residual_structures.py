@@ -153,3 +153,27 @@ def test_kenward_roger_nonlinear_matches_dense(formula, residual, data):
     assert np.max(np.abs(PhiA_no_R - PhiA) / np.abs(PhiA)) > 1e-6
     tab = m.coef_table("kenward-roger")
     assert np.all(tab["se"].to_numpy() >= np.sqrt(np.diag(Phi)) * (1 - 1e-12)) and np.all(tab["df"] > 0)
+
+
+def test_refit_reuses_compiled_programs_and_padding_is_valid():
+    """A second fit of the same design compiles nothing (the static spec hashes by value),
+    and padded rows of groups with missing visits feed valid values to variance functions
+    (VarPower at a negative power once gave NaN gradients: 0**δ on padding)."""
+    import jax
+
+    from lmmjax._compute import precision
+    from lmmjax.gls import _value_and_grad
+
+    df = _longsim()
+    df["w"] = 1.0 + df["x"].abs()
+    res = [cov.AR1(group="subject", time="visit"), cov.VarPower(covariate="w")]
+    m1 = lmmjax.gls("y ~ trt * time", df, residual=res)
+    size = _value_and_grad._cache_size()
+    m2 = lmmjax.gls("y ~ trt * time", df, residual=res)
+    assert _value_and_grad._cache_size() == size
+    assert m2.loglik == m1.loglik
+    with precision("float64"):
+        psi = np.asarray(m1.psi, float).copy()
+        psi[-1] = -0.5
+        v, g = _value_and_grad(jax.device_put(psi), m1._data, m1._spec, True)
+        assert np.isfinite(float(v)) and np.all(np.isfinite(np.asarray(g)))
