@@ -40,7 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["Unstructured", "Diagonal", "HomDiagonal", "CompoundSymmetry", "AR1", "make_structure"]
+__all__ = ["Unstructured", "Diagonal", "HomDiagonal", "CompoundSymmetry", "AR1", "KernelCorrelation",
+           "make_structure"]
 
 
 @dataclass(frozen=True)
@@ -261,6 +262,15 @@ class _Correlated:
         sd = jnp.sqrt(jnp.broadcast_to(phi[: self.n_sd], (self.q,)))
         return sd[:, None] * self.correlation(phi[-1]) * sd[None, :]
 
+    def natural_from_params(self, params, sigma2):
+        """φ from θ directly (σ²s², ρ(t)); host-side numpy."""
+        from ._compute import precision
+
+        params = np.asarray(params, float)
+        with precision("float64"):   # ρ(t) is a JAX function: evaluate it in float64
+            rho = float(self.rho(jnp.asarray(params[-1])))
+        return np.r_[sigma2 * params[: self.n_sd] ** 2, rho]
+
     def correlation(self, rho):
         L = self.chol(rho)
         return L @ L.T
@@ -334,6 +344,43 @@ class AR1(_Correlated):
         return _safe_ratio(Sigma[..., 1, 0], sd[..., 0] * sd[..., 1])
 
 
+@dataclass(frozen=True)
+class KernelCorrelation(_Correlated):
+    """A user-defined correlation as a random-effect template: ``corr`` is a
+    :class:`lmmjax.cov.Correlation` (its ``kernel(d, value)`` and ``transform``), evaluated
+    across the term's coefficients at unit spacing, corr(b_i, b_j) = kernel(|i − j|, value),
+    with one common variance.  Its Cholesky factor is computed (unrolled for q ≤ 6)."""
+
+    homogeneous: bool = True
+    corr: object = None
+
+    @property
+    def rho_name(self) -> str:
+        return self.corr.name
+
+    def rho(self, t):
+        return self.corr.transform(t)
+
+    def init(self) -> np.ndarray:
+        return np.r_[np.ones(self.n_sd), np.asarray(self.corr.init(), float)]
+
+    def correlation(self, value):
+        i = np.arange(self.q)
+        # lag 1 on the diagonal, which is then overwritten: kernels like ρ^d have NaN
+        # derivatives at d = 0, ρ = 0 that would leak through jnp.where
+        d = np.abs(i[:, None] - i[None, :])
+        d = jnp.asarray(np.where(d == 0, 1, d), dtype=jnp.result_type(value))
+        return jnp.where(jnp.eye(self.q, dtype=bool), 1.0, self.corr.kernel(d, value))
+
+    def chol(self, value):
+        from ._linalg import chol_small
+
+        return chol_small(self.correlation(value))
+
+    def natural_from_cov(self, Sigma):
+        raise NotImplementedError("a kernel template's parameters come from θ: use natural_from_params")
+
+
 _KEYWORDS = {
     "us": Unstructured,
     "diag": Diagonal,
@@ -345,8 +392,16 @@ _KEYWORDS = {
 }
 
 
-def make_structure(keyword: str, q: int):
-    """The structure object for a formula keyword and term size ``q``."""
+def make_structure(keyword: str, q: int, user: dict | None = None):
+    """The structure object for a formula keyword and term size ``q``.  ``user`` maps
+    extra keywords to a :class:`lmmjax.cov.Correlation` (used through
+    :class:`KernelCorrelation`) or to a callable ``q -> structure`` implementing this
+    module's protocol."""
+    if user and keyword in user:
+        spec = user[keyword]
+        if hasattr(spec, "kernel"):
+            return KernelCorrelation(q, corr=spec) if q > 1 else Unstructured(1)
+        return spec(q)
     if q == 1:
         return Unstructured(1)
     try:
@@ -354,5 +409,5 @@ def make_structure(keyword: str, q: int):
     except KeyError:
         raise NotImplementedError(
             f"covariance structure {keyword}(...) is not available; "
-            f"use one of {sorted(_KEYWORDS)}"
+            f"use one of {sorted(_KEYWORDS)} or pass structures={{{keyword!r}: ...}}"
         ) from None

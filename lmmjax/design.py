@@ -238,8 +238,14 @@ def _as_float(mm, where: str, data_index) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- main
-def build_design(formula: str | ParsedFormula, data: pd.DataFrame, require_response: bool = True) -> Design:
-    pf = formula if isinstance(formula, ParsedFormula) else parse_formula(formula)
+def build_design(formula: str | ParsedFormula, data: pd.DataFrame, require_response: bool = True,
+                 structures: dict | None = None) -> Design:
+    """Bind a formula to data.  ``structures``: extra random-effect structure keywords
+    (see :func:`lmmjax.covariance.make_structure`)."""
+    for k in structures or ():
+        if not (isinstance(k, str) and k.isidentifier()):
+            raise DataError(f"structure keywords must be names like 'ou', got {k!r}")
+    pf = formula if isinstance(formula, ParsedFormula) else parse_formula(formula, tuple(structures or ()))
     if not isinstance(data, pd.DataFrame):
         raise DataError(f"data must be a pandas DataFrame, got {type(data).__name__}")
     if not pf.random:
@@ -307,7 +313,7 @@ def build_design(formula: str | ParsedFormula, data: pd.DataFrame, require_respo
             raise DataError(f"random-effects term {t} has no columns")
         blocks.append(RandomBlock(
             term=t, levels=labels, index=index, Zq=Zq, colnames=colnames, spec=zmm.model_spec,
-            structure=make_structure(t.structure, Zq.shape[1]), level_codes=maps,
+            structure=make_structure(t.structure, Zq.shape[1], structures), level_codes=maps,
             used_codes=used_codes,
         ))
     # lme4's term order

@@ -161,8 +161,9 @@ def _expand_bar(lhs: str, bar: str, group: str, structure: str) -> list[RandomTe
     return terms
 
 
-def parse_formula(formula: str) -> ParsedFormula:
-    """Split an lme4 formula into response, fixed part and random terms."""
+def parse_formula(formula: str, keywords: tuple[str, ...] = ()) -> ParsedFormula:
+    """Split an lme4 formula into response, fixed part and random terms; ``keywords``:
+    extra structure keywords (user-defined structures) besides the built-in ones."""
     if not isinstance(formula, str):
         raise FormulaError(f"formula must be a string like 'y ~ x + (1 | g)', got {type(formula).__name__}")
     if formula.count("~") != 1:
@@ -174,7 +175,8 @@ def parse_formula(formula: str) -> ParsedFormula:
     i, buf = 0, []
     while i < len(rhs):
         c = rhs[i]
-        m = re.match(r"(%s)\s*\(" % "|".join(STRUCTURE_KEYWORDS), rhs[i:])
+        m = re.match(r"(%s)\s*\(" % "|".join(map(re.escape, sorted(set(STRUCTURE_KEYWORDS) | set(keywords),
+                                                                   key=len, reverse=True))), rhs[i:])
         at_word_start = i == 0 or not (rhs[i - 1].isalnum() or rhs[i - 1] in "._")
         if c == "(" or (m and at_word_start):
             open_at = i if c == "(" else i + m.end() - 1
@@ -182,6 +184,11 @@ def parse_formula(formula: str) -> ParsedFormula:
             inner = rhs[open_at + 1 : close]
             bar = _find_bar(inner)
             if bar is not None:
+                word = re.search(r"([A-Za-z_][\w.]*)\s*$", "".join(buf)) if c == "(" else None
+                if word:
+                    raise NotImplementedError(
+                        f"unknown covariance structure {word.group(1)}(...) in {formula!r}: built-in keywords are "
+                        f"{', '.join(STRUCTURE_KEYWORDS)}; for your own pass structures={{{word.group(1)!r}: ...}}")
                 pos, kind = bar
                 structure = "us" if c == "(" else m.group(1)
                 if kind == "||" and structure != "us":

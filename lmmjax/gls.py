@@ -285,7 +285,7 @@ def _residual_groups(design, frame, residual) -> np.ndarray:
 
 
 def fit_grouped(formula: str, data: pd.DataFrame, residual, reml: bool = True, dtype: str = "float64",
-                engine: str = "lmer"):
+                engine: str = "lmer", structures: dict | None = None):
     """Fit a (mixed) model with a residual covariance structure; see :func:`gls`."""
     # a private copy: prepare() below stores what it learns from this data set on it
     residual = copy.deepcopy(combine(residual if isinstance(residual, (list, tuple)) else [residual]))
@@ -296,7 +296,7 @@ def fit_grouped(formula: str, data: pd.DataFrame, residual, reml: bool = True, d
     data = data.dropna(subset=cols) if cols else data
     has_bar = "|" in formula
     f = formula if has_bar else f"{formula} + (1 | {_ONE})"
-    design = build_design(f, data.assign(**{_ONE: "1"}) if not has_bar else data)
+    design = build_design(f, data.assign(**{_ONE: "1"}) if not has_bar else data, structures=structures)
     frame = data.iloc[design.rows].reset_index(drop=True)
     codes = _residual_groups(design, frame, residual)
     arrays, m = _padded(design, frame, residual, codes)
@@ -419,7 +419,12 @@ class GroupedResult:
         """φ at the fit: each random-effect term's natural parameters (entries of Σ_k, or
         variances and ρ), the residual structure's own parameters, σ²."""
         covs = [C.to_numpy() for C in self.covariance_matrices()]
-        nat = [s.natural_from_cov(C) for s, C in zip(self._spec.structures, covs)]
+        nat, off = [], 0
+        for s, C in zip(self._spec.structures, covs):
+            th = self.psi[off: off + s.n_params]
+            off += s.n_params
+            nat.append(s.natural_from_params(th, self.sigma**2) if hasattr(s, "natural_from_params")
+                       else s.natural_from_cov(C))
         return np.concatenate(nat + [self.psi[self._spec.n_theta:], [self.sigma**2]])
 
     def _kenward_roger(self):

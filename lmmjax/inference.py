@@ -170,10 +170,14 @@ def satterthwaite_test(L, beta, C, J, A) -> dict:
 
 
 # ------------------------------------------------------------ Kenward-Roger
-def natural_parameters(Ts, sigma: float, layout: Layout) -> np.ndarray:
+def natural_parameters(Ts, sigma: float, layout: Layout, theta=None) -> np.ndarray:
     """φ: for each term the free entries of Σ_k = σ²T_kT_kᵀ (the structure's own
-    natural parameters, lme4 order), then σ².  ``Ts``: the fitted templates (numpy)."""
-    out = [s.natural_from_cov(sigma**2 * T @ T.T) for s, T in zip(layout.structures, Ts)]
+    natural parameters, lme4 order), then σ².  ``Ts``: the fitted templates (numpy);
+    structures with ``natural_from_params`` (variances and ρ) read them from ``theta``."""
+    off = np.cumsum([0] + [s.n_params for s in layout.structures])
+    out = [s.natural_from_params(theta[off[k]: off[k + 1]], sigma**2)
+           if theta is not None and hasattr(s, "natural_from_params") else s.natural_from_cov(sigma**2 * T @ T.T)
+           for k, (s, T) in enumerate(zip(layout.structures, Ts))]
     return np.concatenate(out + [np.array([sigma**2])])
 
 
@@ -409,7 +413,7 @@ class InferenceMixin:
             raise ValueError("Kenward-Roger needs a REML fit (as in pbkrtest); refit with reml=True")
         c = self._inference_cache()
         if "kr" not in c:
-            phi = natural_parameters(self._Ts, self.sigma, self.layout)
+            phi = natural_parameters(self._Ts, self.sigma, self.layout, self.theta)
             with precision("float64"):
                 dense = to_device(dense_crossproducts(self.stats, self.layout), np.float64)
                 out = kr_derivatives(jax.device_put(phi), dense, self.layout)

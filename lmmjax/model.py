@@ -28,13 +28,16 @@ __all__ = ["lmer", "precision"]
 
 
 def lmer(formula: str, data: pd.DataFrame, reml: bool = True, *, dtype: str = "float64",
-         start=None, theta=None, maxiter: int = 1000, warn: bool = True, residual=None) -> LmerResult:
+         start=None, theta=None, maxiter: int = 1000, warn: bool = True, residual=None,
+         structures: dict | None = None) -> LmerResult:
     """Fit a linear mixed model by REML (default) or ML, like ``lme4::lmer``.
 
     Parameters
     ----------
     formula : lme4 syntax, e.g. ``"Reaction ~ Days + (Days | Subject)"``;
-        random terms ``(x | g)``, ``(x || g)``, ``(1 | a/b)``, ``(1 | a:b)``, ``diag(x | g)``.
+        random terms ``(x | g)``, ``(x || g)``, ``(1 | a/b)``, ``(1 | a:b)``, and
+        structured ``diag(x | g)``, ``homdiag``, ``cs(0 + f | g)``, ``homcs``, ``ar1(0 + f | g)``,
+        ``hetar1`` (glmmTMB's keywords).
     data : pandas DataFrame. Rows with a missing value in a used column are dropped.
     reml : REML (True, lme4's default) or maximum likelihood.
     dtype : "float64" (default) or "float32" (faster on GPUs, less accurate).
@@ -46,12 +49,17 @@ def lmer(formula: str, data: pd.DataFrame, reml: bool = True, *, dtype: str = "f
         ``lmmjax.cov.AR1(group="Mare")``, ``CAR1(time="age", group="Subject") * VarIdent(by="Sex")``),
         like nlme's ``lme(..., correlation=, weights=)``; returns a
         :class:`~lmmjax.gls.GroupedResult`.
+    structures : extra random-effect structure keywords for the formula, e.g.
+        ``{"ou": MyKernel()}`` with ``ou(0 + factor(visit) | subject)``: a
+        :class:`lmmjax.cov.Correlation` subclass instance (its kernel across the term's
+        coefficients at unit spacing, one common variance) or a callable ``q -> structure``
+        following :mod:`lmmjax.covariance`'s protocol.
     """
     if residual is not None:
         from .gls import fit_grouped
 
-        return fit_grouped(formula, data, residual, reml=reml, dtype=dtype, engine="lmer")
-    design = build_design(formula, data)
+        return fit_grouped(formula, data, residual, reml=reml, dtype=dtype, engine="lmer", structures=structures)
+    design = build_design(formula, data, structures=structures)
     stats = {**design_stats(design), **response_stats(design, design.y)}
     with precision(dtype) as dt:
         dev_stats = to_device(stats, dt)

@@ -120,9 +120,12 @@ class Correlation(ResidualStructure):
 
     def correlation(self, params, rows):
         t = rows[self._slot("t")]
-        d = jnp.abs(t[:, None] - t[None, :])
+        eye = jnp.eye(t.shape[0], dtype=bool)
+        # the diagonal is overwritten: evaluate it at d = 1 so kernels like ρ^d keep
+        # finite derivatives (d = 0 elsewhere, tied times, is the kernel's to handle)
+        d = jnp.where(eye, 1.0, jnp.abs(t[:, None] - t[None, :]))
         C = self.kernel(d, self.transform(params[0]))
-        return jnp.where(jnp.eye(t.shape[0], dtype=bool), 1.0, C)
+        return jnp.where(eye, 1.0, C)
 
     def natural(self, params):
         return {self.name: float(self.transform(jnp.asarray(params[0])))}

@@ -181,3 +181,40 @@ def test_kenward_roger_with_second_derivative_terms(name):
     assert np.max(np.abs(PhiA_no_R - PhiA) / np.abs(PhiA)) > 1e-6
     tab = m.coef_table(ddf="kenward-roger")
     assert np.all(tab["se"] > np.sqrt(np.diag(Phi)) * (1 - 1e-12)) and np.all(tab["df"] > 0)
+
+
+class _UserAR1(lmmjax.cov.Correlation):
+    """AR(1) written by a user as a kernel (the notebook's recipe): ρ^d with ρ = logistic(u)
+    in (0, 1) (a float power of a negative ρ would be NaN).  Kenward-Roger works in the
+    natural (v, ρ), so the transform does not change the adjusted table."""
+
+    name = "phi"
+
+    def transform(self, u):
+        return 1.0 / (1.0 + jnp.exp(-u))
+
+    def kernel(self, d, rho):
+        return rho ** d
+
+
+def test_user_kernel_as_random_effect_template_equals_builtin_ar1():
+    """A cov.Correlation subclass used as a formula keyword (structures={...}) gives the same
+    fit and the same Kenward-Roger table (R terms included) as the built-in ar1 keyword."""
+    _, df, formula = _load("longsim_tmb_ar1_reml")
+    a = lmmjax.lmer(formula, df)
+    u = lmmjax.lmer(formula.replace("ar1(", "myar1("), df, structures={"myar1": _UserAR1(group="subject")})
+    assert u.loglik == pytest.approx(a.loglik, abs=1e-8)
+    np.testing.assert_allclose(u.varcorr["vcov"], a.varcorr["vcov"], rtol=1e-5)
+    ka, ku = a.coef_table("kenward-roger"), u.coef_table("kenward-roger")
+    for col in ("estimate", "se", "df"):
+        np.testing.assert_allclose(ku[col], ka[col], rtol=1e-5)
+
+
+def test_structure_keyword_errors():
+    _, df, formula = _load("longsim_tmb_ar1_reml")
+    with pytest.raises(NotImplementedError, match="structures="):
+        lmmjax.lmer(formula.replace("ar1(", "ou("), df)
+    with pytest.raises(ValueError, match="keywords must be names"):
+        lmmjax.lmer(formula, df, structures={"o u": _UserAR1(group="subject")})
+    with pytest.raises(NotImplementedError, match="lmer_batch"):
+        lmmjax.lmer_batch("~ trt + ar1(0 + factor(visit) | subject)", df, df[["y"]].to_numpy())
