@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-__all__ = ["ResidualStructure", "Correlation", "AR1", "CAR1", "CompoundSymmetry", "Unstructured",
+__all__ = ["ResidualStructure", "Correlation", "AR1", "CAR1", "Exponential", "CompoundSymmetry", "Unstructured",
            "VarIdent", "VarPower", "Combined", "combine"]
 
 
@@ -151,6 +151,44 @@ class CAR1(Correlation):
 
     def kernel(self, d, phi):
         return phi ** d
+
+
+class Exponential(Correlation):
+    """Exponential correlation exp(−d/range) in ``time`` within ``group`` (nlme's corExp),
+    optionally with a nugget: (1 − nugget)·exp(−d/range) for d > 0 (``nugget=True``).
+    range = exp(u₁), nugget = logistic(u₂)."""
+
+    name = "range"
+
+    def __init__(self, group: str, time: str | None = None, nugget: bool = False):
+        super().__init__(group, time)
+        self.nugget = nugget
+
+    @property
+    def n_params(self):
+        return 2 if self.nugget else 1
+
+    def param_names(self):
+        return ["range", "nugget"] if self.nugget else ["range"]
+
+    def transform(self, u):
+        return jnp.exp(u)
+
+    def kernel(self, d, rng):
+        return jnp.exp(-d / rng)
+
+    def correlation(self, params, rows):
+        C = super().correlation(params, rows)
+        if not self.nugget:
+            return C
+        scale = 1.0 / (1.0 + jnp.exp(-params[1]))
+        return jnp.where(jnp.eye(C.shape[0], dtype=bool), 1.0, (1.0 - scale) * C)
+
+    def natural(self, params):
+        out = {"range": float(jnp.exp(jnp.asarray(params[0])))}
+        if self.nugget:
+            out["nugget"] = float(1.0 / (1.0 + jnp.exp(-jnp.asarray(params[1]))))
+        return out
 
 
 class CompoundSymmetry(ResidualStructure):

@@ -37,6 +37,8 @@ def _structure(model: dict):
             parts.append(cov.AR1(group=g, time=t))
         elif c.startswith("corCAR1"):
             parts.append(cov.CAR1(time=t, group=g))
+        elif c.startswith("corExp"):
+            parts.append(cov.Exponential(group=g, time=t, nugget="nugget = TRUE" in c))
         else:
             return None
     w = model.get("weights")
@@ -65,7 +67,7 @@ def test_matches_nlme(path):
     model = case["model"]
     parts = _structure(model)
     if parts is None:
-        pytest.skip(f"structure not implemented yet: {model}")   # corExp with nugget
+        pytest.fail(f"structure not mapped to lmmjax.cov: {model}")
     df = _data(path, case)
     fixed = model["fixed"].replace("factor(", "C(").replace("sin(2 * pi *", "np.sin(2 * np.pi *") \
         .replace("cos(2 * pi *", "np.cos(2 * np.pi *")
