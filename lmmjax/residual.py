@@ -136,7 +136,12 @@ class AR1(Correlation):
     integer visit index, so gaps count).  nlme's corAR1; ρ = tanh(u)."""
 
     def kernel(self, d, rho):
-        return jnp.where(d == 0, 1.0, jnp.sign(rho) ** d * jnp.abs(rho) ** d)
+        # lag 1 written as ρ itself: the |ρ|-form has a zero derivative at ρ = 0 (the
+        # start), where the optimizer would then stop
+        # (and lags below 1, i.e. 0 between tied or padded rows, kept out of the power,
+        # whose derivative there is NaN)
+        dd = jnp.maximum(d, 1.0)
+        return jnp.where(d == 0, 1.0, jnp.where(d == 1, rho, jnp.sign(rho) ** dd * jnp.abs(rho) ** dd))
 
 
 class CAR1(Correlation):
