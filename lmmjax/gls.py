@@ -136,9 +136,21 @@ def _vcov_beta(vp, data, spec: _Spec):
     return vp[-1] ** 2 * jnp.linalg.inv(S[:p, :p])
 
 
+def _criterion_and_solution(psi, data, spec: _Spec, reml: bool):
+    """The profiled criterion and, as auxiliary output, β̂, σ̂² and Var(β̂) at ψ."""
+    S, r2, ldv, ldx = _profiled(psi, data, spec, reml)
+    p, n = spec.p, data["n"]
+    Sxx_inv = jnp.linalg.inv(S[:p, :p])
+    sigma2 = r2 / (n - p if reml else n)
+    crit = criterion(dict(logdet_z=ldv, logdet_x=ldx, r2=r2), n, p, reml)
+    return crit, dict(beta=Sxx_inv @ S[:p, p], sigma2=sigma2, vcov=sigma2 * Sxx_inv)
+
+
 @partial(jax.jit, static_argnames=("spec", "reml"))
 def _value_and_grad(psi, data, spec, reml):
-    return jax.value_and_grad(grouped_criterion)(psi, data, spec, reml)
+    """((criterion, solution), gradient): one compiled program serves the optimizer and
+    the final solution (a second program would add its compile to every cold fit)."""
+    return jax.value_and_grad(_criterion_and_solution, has_aux=True)(psi, data, spec, reml)
 
 
 def _hessian(fg, psi):
@@ -152,16 +164,6 @@ def _hessian(fg, psi):
         e[i] = h[i]
         H[:, i] = (fg(psi + e)[1] - fg(psi - e)[1]) / (2 * h[i])
     return 0.5 * (H + H.T)
-
-
-@partial(jax.jit, static_argnames=("spec", "reml"))
-def _solution(psi, data, spec, reml):
-    S, r2, ldv, ldx = _profiled(psi, data, spec, reml)
-    p = spec.p
-    beta = jnp.linalg.solve(S[:p, :p], S[:p, p])
-    n = data["n"]
-    sigma2 = r2 / (n - p if reml else n)
-    return dict(beta=beta, sigma2=sigma2, vcov=sigma2 * jnp.linalg.inv(S[:p, :p]))
 
 
 @partial(jax.jit, static_argnames=("spec", "reml"))
@@ -320,8 +322,10 @@ def fit_grouped(formula: str, data: pd.DataFrame, residual, reml: bool = True, d
     with precision(dtype) as dt, no_persistent_cache():
         dev = jax.tree.map(lambda a: jax.device_put(np.asarray(a, dt) if np.asarray(a).dtype != bool else a), arrays)
 
-        def fg(x):
-            v, g = _value_and_grad(jax.device_put(np.asarray(x, dt)), dev, spec, reml)
+        def fg(x, solution=False):
+            (v, sol), g = _value_and_grad(jax.device_put(np.asarray(x, dt)), dev, spec, reml)
+            if solution:
+                return jax.tree.map(lambda a: np.asarray(a, float), sol)
             v, g = float(v), np.asarray(g, float)
             if not np.isfinite(v):
                 return 1e300, np.zeros_like(x)
@@ -335,7 +339,7 @@ def fit_grouped(formula: str, data: pd.DataFrame, residual, reml: bool = True, d
             if best.success and best.fun < 1e299 and np.max(np.abs(best.jac), initial=0.0) < 1e-4:
                 break
         psi = best.x
-        # Newton polish with the exact Hessian
+        # Newton polish (central-difference Hessian of the exact gradient)
         for _ in range(5):
             v, g = fg(psi)
             if np.max(np.abs(g)) < 1e-8:
@@ -349,7 +353,7 @@ def fit_grouped(formula: str, data: pd.DataFrame, residual, reml: bool = True, d
                 break
             psi = psi - step
         v, g = fg(psi)
-        sol = jax.tree.map(lambda a: np.asarray(a, float), _solution(jax.device_put(np.asarray(psi, dt)), dev, spec, reml))
+        sol = fg(psi, solution=True)
     return GroupedResult(design, frame, residual, spec, dev, psi, v, g, sol, reml, dtype, engine, m)
 
 
