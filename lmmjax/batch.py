@@ -131,22 +131,38 @@ def _canonical(theta, layout: Layout):
 
 def _fit_one(theta0, st, layout: Layout, reml: bool, iters: int, satterthwaite: bool):
     f = partial(objective, stats=st, layout=layout, reml=reml)
-    th = _newton(theta0, st, layout, reml, iters)
-    # boundary: inward probes and exact zeros; continue from the best point
-    pts = jnp.concatenate([th[None, :], _probe_points(th, layout)])
-    vals = jax.vmap(f)(pts)
-    th = pts[jnp.argmin(jnp.where(jnp.isfinite(vals), vals, jnp.inf))]
-    th = _newton(th, st, layout, reml, 8)
-    # as the single fit: tiny diagonals become exactly 0 where that does not raise
-    # the criterion, then a Newton polish of the free parameters
-    free = jnp.ones(th.shape, bool)
-    for d in layout.boundary():
-        v0 = f(th)
-        z = th.at[d].set(0.0)
-        snap = (jnp.abs(th[d]) < 1e-3) & (f(z) <= v0 + 1e4 * jnp.finfo(th.dtype).eps * jnp.maximum(1.0, jnp.abs(v0)))
-        th = jnp.where(snap, z, th)
-        free = free.at[d].set(~snap)
-    th = _canonical(_newton(th, st, layout, reml, 8, free), layout)
+    tiny = jnp.finfo(theta0.dtype).eps
+    bidx = layout.boundary()
+
+    def probe(th):
+        # boundary: inward probes and exact zeros; continue from the best point
+        pts = jnp.concatenate([th[None, :], _probe_points(th, layout)])
+        vals = jax.vmap(f)(pts)
+        return pts[jnp.argmin(jnp.where(jnp.isfinite(vals), vals, jnp.inf))]
+
+    def snap(th):
+        # as the single fit: tiny diagonals become exactly 0 where that does not raise
+        # the criterion; those stay fixed in the last Newton phase
+        free = jnp.ones(th.shape, bool)
+        for d in bidx:
+            v0 = f(th)
+            z = th.at[d].set(0.0)
+            ok = (jnp.abs(th[d]) < 1e-3) & (f(z) <= v0 + 1e4 * tiny * jnp.maximum(1.0, jnp.abs(v0)))
+            th = jnp.where(ok, z, th)
+            free = free.at[d].set(~ok)
+        return th, free
+
+    # three phases through ONE traced Newton loop (a third of the program to trace
+    # and compile): Newton (iters) → probes; Newton (8) → snap; Newton (8) on the free set
+    def phase(p, carry):
+        th, free = carry
+        th = _newton(th, st, layout, reml, jnp.where(p == 0, iters, 8), free)
+        th = jnp.where(p == 0, probe(th), th)
+        th_s, free_s = snap(th)
+        return jnp.where(p == 1, th_s, th), jnp.where(p == 1, free_s, free)
+
+    th, _ = jax.lax.fori_loop(0, 3, phase, (theta0, jnp.ones(theta0.shape, bool)))
+    th = _canonical(th, layout)
     v, g = jax.value_and_grad(f)(th)
     sol = solve(th, st, layout, reml)
     out = dict(theta=th, criterion=v, grad=g, hess=jax.hessian(f)(th), beta=sol["beta"],
