@@ -40,7 +40,7 @@ import pandas as pd
 from ._compute import precision
 from ._linalg import chol_small, tril_inv_small
 from .design import DataError, build_design, design_stats, masked_design_stats
-from .inference import (_kr_pieces, _satt_df_rows, _satterthwaite_program, contrast_matrix, dense_crossproducts,
+from .inference import (_kr_pieces, _satt_df_rows, _unprofiled_criterion, contrast_matrix, dense_crossproducts,
                         kr_adjusted, kr_test, normalize_ddf, satterthwaite_test, t_columns, vcov_varpar)
 from .likelihood import Layout, objective, solve
 from .optimize import SINGULAR_TOL, _probe_points
@@ -53,11 +53,47 @@ DEFAULT_MAX_CHUNK = 4096
 
 
 # ---------------------------------------------------------------- compiled programs
+def _fd_steps(x):
+    """Central-difference steps relative to each parameter's size (variances of genes on
+    very different scales), floored at 1e-3 of the largest so a zero variance still
+    gets a step."""
+    a = jnp.abs(x)
+    return 1e-5 * jnp.maximum(a, 1e-3 * jnp.max(a))
+
+
+def _value_grad_hessian(vg, th):
+    """f, ∇f and the Hessian by central differences of the exact gradient, from ONE
+    vmapped value-and-gradient over θ and θ ± h·e_i: forward-over-reverse autodiff of the
+    blocked Cholesky doubled the compile time of the batch program for no accuracy that
+    Newton needs (relative error ~1e-10).  At θ_d = 0 the criterion is even in θ_d, so
+    the difference is still the one-sided second derivative."""
+    k = th.shape[0]
+    h = 1e-5 * jnp.maximum(1.0, jnp.abs(th))
+    E = jnp.eye(k, dtype=th.dtype) * h[None, :]
+    vs, gs = jax.vmap(vg)(jnp.concatenate([th[None, :], th + E, th - E]))
+    H = (gs[1: k + 1] - gs[k + 1:]).T / (2.0 * h[None, :])
+    return vs[0], gs[0], 0.5 * (H + H.T)
+
+
+def _satterthwaite_fd(vp, st, layout: Layout, reml: bool):
+    """What :func:`lmmjax.inference._satterthwaite_program` returns — the Hessian of the
+    unprofiled criterion d(θ, σ), ∂M/∂(θ, σ) and M — by central differences of the exact
+    gradient (one vmapped gradient-with-M over vp and vp ± h·e_i), compiled in a fraction
+    of the time of the forward-over-reverse program."""
+    k = vp.shape[0]
+    h = _fd_steps(vp)
+    E = jnp.eye(k, dtype=vp.dtype) * h[None, :]
+    grad_and_m = jax.grad(_unprofiled_criterion, has_aux=True)
+    gs, Ms = jax.vmap(lambda x: grad_and_m(x, st, layout, reml))(jnp.concatenate([vp[None, :], vp + E, vp - E]))
+    H = (gs[1: k + 1] - gs[k + 1:]).T / (2.0 * h[None, :])
+    dM = jnp.moveaxis((Ms[1: k + 1] - Ms[k + 1:]) / (2.0 * h[:, None, None]), 0, -1)
+    return 0.5 * (H + H.T), dM, Ms[0]
+
+
 def _newton(theta, stats, layout: Layout, reml: bool, iters: int, free=None):
     """``iters`` damped Newton steps on the parameters where ``free`` is True."""
     f = partial(objective, stats=stats, layout=layout, reml=reml)
     vg = jax.value_and_grad(f)
-    hess = jax.hessian(f)
     ladder = jnp.asarray(STEP_LADDER, theta.dtype)
     free = jnp.ones(theta.shape, bool) if free is None else free
     fixed_eye = jnp.diag(jnp.where(free, 0.0, 1.0).astype(theta.dtype))
@@ -65,9 +101,9 @@ def _newton(theta, stats, layout: Layout, reml: bool, iters: int, free=None):
 
     def step(carry):
         th, it, _ = carry
-        v, g = vg(th)
+        v, g, H = _value_grad_hessian(vg, th)
         g = jnp.where(free, g, 0.0)
-        H = jnp.where(free[:, None] & free[None, :], hess(th), 0.0) + fixed_eye
+        H = jnp.where(free[:, None] & free[None, :], H, 0.0) + fixed_eye
         # Levenberg shift: make H + λI comfortably positive definite where H is not.
         # PD is read off an unrolled Cholesky (no LAPACK under vmap); the shift uses
         # Gershgorin's bound on the smallest eigenvalue.
@@ -163,13 +199,13 @@ def _fit_one(theta0, st, layout: Layout, reml: bool, iters: int, satterthwaite: 
 
     th, _ = jax.lax.fori_loop(0, 3, phase, (theta0, jnp.ones(theta0.shape, bool)))
     th = _canonical(th, layout)
-    v, g = jax.value_and_grad(f)(th)
+    v, g, H = _value_grad_hessian(jax.value_and_grad(f), th)
     sol = solve(th, st, layout, reml)
-    out = dict(theta=th, criterion=v, grad=g, hess=jax.hessian(f)(th), beta=sol["beta"],
+    out = dict(theta=th, criterion=v, grad=g, hess=H, beta=sol["beta"],
                sigma2=sol["sigma2"], vcov=sol["vcov"])
     if satterthwaite:
         vp = jnp.concatenate([th, jnp.sqrt(sol["sigma2"])[None]])
-        out["satt_H"], out["satt_dM"], out["satt_M"] = _satterthwaite_program(vp, st, layout, reml)
+        out["satt_H"], out["satt_dM"], out["satt_M"] = _satterthwaite_fd(vp, st, layout, reml)
     return out
 
 
@@ -193,8 +229,17 @@ def batch_kr_program(theta, sigma, dense, layout: Layout, design_mapped: bool = 
                               + [(s * s)[None]])
         m_of = lambda ph: _kr_pieces(ph, dn, layout, lapack=False)[0]  # noqa: E731
         ld_of = lambda ph: _kr_pieces(ph, dn, layout, lapack=False)[1]  # noqa: E731
-        return (m_of(phi), jax.jacfwd(m_of)(phi), jax.jacfwd(jax.jacfwd(m_of))(phi),
-                -0.5 * jax.hessian(ld_of)(phi))
+        # first derivatives by autodiff, second ones by central differences of them over
+        # φ ± h·e_i (one vmapped program; nested autodiff through Gauss-Jordan took ~10 s
+        # to compile)
+        k = phi.shape[0]
+        h = _fd_steps(phi)
+        E = jnp.eye(k, dtype=phi.dtype) * h[None, :]
+        first = lambda ph: (m_of(ph), jax.jacfwd(m_of)(ph), jax.grad(ld_of)(ph))  # noqa: E731
+        Ms, Ps, gs = jax.vmap(first)(jnp.concatenate([phi[None, :], phi + E, phi - E]))
+        HM = jnp.moveaxis((Ps[1: k + 1] - Ps[k + 1:]) / (2.0 * h[:, None, None, None]), 0, -1)
+        HL = (gs[1: k + 1] - gs[k + 1:]).T / (2.0 * h[None, :])
+        return Ms[0], Ps[0], 0.5 * (HM + jnp.swapaxes(HM, -1, -2)), -0.25 * (HL + HL.T)
 
     return jax.vmap(one, in_axes=(0, 0, 0 if design_mapped else None))(theta, sigma, dense)
 
