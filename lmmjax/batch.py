@@ -53,41 +53,46 @@ DEFAULT_MAX_CHUNK = 4096
 
 
 # ---------------------------------------------------------------- compiled programs
-def _fd_steps(x):
-    """Central-difference steps relative to each parameter's size (variances of genes on
-    very different scales), floored at 1e-3 of the largest so a zero variance still
-    gets a step."""
-    a = jnp.abs(x)
-    return 1e-5 * jnp.maximum(a, 1e-3 * jnp.max(a))
+def _central(fn, x, h):
+    """``fn(x)`` and, for every output, its central-difference derivatives along each x_i
+    (appended as a last axis), from ONE vmapped evaluation of ``fn`` at x and x ± h_i·e_i.
+
+    Used for every second derivative of the batch programs (Newton Hessians, the
+    Satterthwaite Hessian and ∂M, Kenward-Roger's ∂²M and information) on top of exact
+    autodiff first derivatives: nested autodiff through the blocked Cholesky or
+    Gauss-Jordan made these programs take 2–3× longer to compile, while the
+    differences are accurate to ~1e-10 relative.  Steps: ``h``."""
+    k = x.shape[0]
+    E = jnp.eye(k, dtype=x.dtype) * h[None, :]
+    outs = jax.vmap(fn)(jnp.concatenate([x[None, :], x + E, x - E]))
+
+    def deriv(o):
+        d = (o[1: k + 1] - o[k + 1:]) / (2.0 * h.reshape((k,) + (1,) * (o.ndim - 1)))
+        return jnp.moveaxis(d, 0, -1)
+
+    return jax.tree.map(lambda o: o[0], outs), jax.tree.map(deriv, outs)
+
+
+def _sym(H):
+    return 0.5 * (H + jnp.swapaxes(H, -1, -2))
 
 
 def _value_grad_hessian(vg, th):
-    """f, ∇f and the Hessian by central differences of the exact gradient, from ONE
-    vmapped value-and-gradient over θ and θ ± h·e_i: forward-over-reverse autodiff of the
-    blocked Cholesky doubled the compile time of the batch program for no accuracy that
-    Newton needs (relative error ~1e-10).  At θ_d = 0 the criterion is even in θ_d, so
-    the difference is still the one-sided second derivative."""
-    k = th.shape[0]
-    h = 1e-5 * jnp.maximum(1.0, jnp.abs(th))
-    E = jnp.eye(k, dtype=th.dtype) * h[None, :]
-    vs, gs = jax.vmap(vg)(jnp.concatenate([th[None, :], th + E, th - E]))
-    H = (gs[1: k + 1] - gs[k + 1:]).T / (2.0 * h[None, :])
-    return vs[0], gs[0], 0.5 * (H + H.T)
+    """f, ∇f and the Hessian (differences of the exact gradient; θ is relative-scale, so
+    steps 1e-5·max(1, |θ|); at θ_d = 0 the criterion is even in θ_d and the difference is
+    still the one-sided second derivative)."""
+    (v, g), (_, dg) = _central(vg, th, 1e-5 * jnp.maximum(1.0, jnp.abs(th)))
+    return v, g, _sym(dg)
 
 
 def _satterthwaite_fd(vp, st, layout: Layout, reml: bool):
     """What :func:`lmmjax.inference._satterthwaite_program` returns — the Hessian of the
-    unprofiled criterion d(θ, σ), ∂M/∂(θ, σ) and M — by central differences of the exact
-    gradient (one vmapped gradient-with-M over vp and vp ± h·e_i), compiled in a fraction
-    of the time of the forward-over-reverse program."""
-    k = vp.shape[0]
-    h = _fd_steps(vp)
-    E = jnp.eye(k, dtype=vp.dtype) * h[None, :]
+    unprofiled criterion d(θ, σ), ∂M/∂(θ, σ) and M — by :func:`_central` on the exact
+    gradient (σ's step relative to σ: genes live on very different scales)."""
+    h = 1e-5 * jnp.maximum(1.0, jnp.abs(vp)).at[-1].set(jnp.abs(vp[-1]))
     grad_and_m = jax.grad(_unprofiled_criterion, has_aux=True)
-    gs, Ms = jax.vmap(lambda x: grad_and_m(x, st, layout, reml))(jnp.concatenate([vp[None, :], vp + E, vp - E]))
-    H = (gs[1: k + 1] - gs[k + 1:]).T / (2.0 * h[None, :])
-    dM = jnp.moveaxis((Ms[1: k + 1] - Ms[k + 1:]) / (2.0 * h[:, None, None]), 0, -1)
-    return 0.5 * (H + H.T), dM, Ms[0]
+    (_, M), (dg, dM) = _central(lambda x: grad_and_m(x, st, layout, reml), vp, h)
+    return _sym(dg), dM, M
 
 
 def _newton(theta, stats, layout: Layout, reml: bool, iters: int, free=None):
@@ -229,17 +234,13 @@ def batch_kr_program(theta, sigma, dense, layout: Layout, design_mapped: bool = 
                               + [(s * s)[None]])
         m_of = lambda ph: _kr_pieces(ph, dn, layout, lapack=False)[0]  # noqa: E731
         ld_of = lambda ph: _kr_pieces(ph, dn, layout, lapack=False)[1]  # noqa: E731
-        # first derivatives by autodiff, second ones by central differences of them over
-        # φ ± h·e_i (one vmapped program; nested autodiff through Gauss-Jordan took ~10 s
-        # to compile)
-        k = phi.shape[0]
-        h = _fd_steps(phi)
-        E = jnp.eye(k, dtype=phi.dtype) * h[None, :]
+        # first derivatives by autodiff, second ones by central differences of them
+        # (steps relative to each variance, floored at 1e-3 of the largest so a zero
+        # variance still moves)
+        a = jnp.abs(phi)
         first = lambda ph: (m_of(ph), jax.jacfwd(m_of)(ph), jax.grad(ld_of)(ph))  # noqa: E731
-        Ms, Ps, gs = jax.vmap(first)(jnp.concatenate([phi[None, :], phi + E, phi - E]))
-        HM = jnp.moveaxis((Ps[1: k + 1] - Ps[k + 1:]) / (2.0 * h[:, None, None, None]), 0, -1)
-        HL = (gs[1: k + 1] - gs[k + 1:]).T / (2.0 * h[None, :])
-        return Ms[0], Ps[0], 0.5 * (HM + jnp.swapaxes(HM, -1, -2)), -0.25 * (HL + HL.T)
+        (M, P, _), (_, dP, dg) = _central(first, phi, 1e-5 * jnp.maximum(a, 1e-3 * jnp.max(a)))
+        return M, P, _sym(dP), -0.5 * _sym(dg)
 
     return jax.vmap(one, in_axes=(0, 0, 0 if design_mapped else None))(theta, sigma, dense)
 
