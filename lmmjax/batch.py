@@ -655,7 +655,10 @@ def lmer_batch(formula: str, data=None, responses=None, reml: bool = True, *, na
     most 4096) are fitted by one vmapped program each, round-robin over ``devices``
     (default: every local device of JAX's default backend), or as tasks of a Dask
     ``client``.  ``progress`` shows a tqdm bar (responses/s, ETA).  ``dtype="float32"``
-    trades accuracy for speed on GPUs (see benchmarks/README.md for its measured error).
+    makes the data pass (the n × G cross-products, the only part that grows with n) single
+    precision; the per-response fits always run in float64, because the profiled criterion
+    (~10³ in size) cannot resolve the optimum in float32 — fitting in float32 left half the
+    responses unconverged (measured error of this option: benchmarks/README.md).
 
     Returns a :class:`BatchResult`.
     """
@@ -689,7 +692,10 @@ def lmer_batch(formula: str, data=None, responses=None, reml: bool = True, *, na
     if other:
         raise NotImplementedError(f"lmer_batch fits us/diag random-effect terms; {other} is not supported "
                                   "in batch yet (fit it per response with lmmjax.lmer)")
-    dtype = str(np.dtype(dtype))
+    data_dtype = str(np.dtype(dtype))
+    if data_dtype not in ("float32", "float64"):
+        raise ValueError(f"dtype must be 'float64' or 'float32', got {dtype!r}")
+    dtype = "float64"          # the fits; see the docstring
     budget = _parse_memory(max_memory)
 
     # ---- one pass over the responses: their cross-products (and masks)
@@ -700,7 +706,7 @@ def lmer_batch(formula: str, data=None, responses=None, reml: bool = True, *, na
     shared_idx, shared_stats, masked_idx, masked_r, masked_d = [], [], [], [], []
     for start in range(0, G, read):
         cols = np.arange(start, min(G, start + read))
-        ch = R.chunk_stats(design, cols)
+        ch = R.chunk_stats(design, cols, data_dtype)
         errors[cols] = ch["bad"]
         ok = np.array([b is None for b in ch["bad"]])
         full = ok & ~ch["masked"]
@@ -786,7 +792,9 @@ def lmer_batch(formula: str, data=None, responses=None, reml: bool = True, *, na
             bar.close()
     failed = np.isnan(fit["criterion"]) & np.array([e is None for e in errors])
     errors[failed] = "numerical failure in the fit (non-finite criterion)"
-    return BatchResult(design, R, data, formula, reml, dtype, chunks, fit, errors)
+    res = BatchResult(design, R, data, formula, reml, dtype, chunks, fit, errors)
+    res.data_dtype = data_dtype
+    return res
 
 
 def _devices(devices):

@@ -66,8 +66,9 @@ class ResponseMatrix:
         c = self.Y[:, j]
         return np.asarray(c.toarray()).ravel() if self.sparse else np.asarray(c, float)
 
-    def chunk_stats(self, design, cols: np.ndarray) -> dict:
-        """Cross-products of the responses ``cols`` with the design.
+    def chunk_stats(self, design, cols: np.ndarray, dtype="float64") -> dict:
+        """Cross-products of the responses ``cols`` with the design (the data pass in
+        ``dtype``; the statistics are returned in float64).
 
         Returns dict(stats=…, mask=(n × c) or None, masked=bool (c,), bad=(c,) object
         array of error messages or None).  Missing values (NaN) count as 0 in the
@@ -81,12 +82,14 @@ class ResponseMatrix:
                             masked=np.zeros(len(cols), bool), bad=np.full(len(cols), None, object))
             Yc = Yc.toarray()          # only a chunk with non-finite entries is densified
         else:
-            Yc = np.asarray(self.Y[:, cols], dtype=float)
+            Yc = np.asarray(self.Y[:, cols], dtype=dtype)
             if np.isfinite(Yc.sum(axis=0)).all():     # the common case: one cheap pass, no copies
                 from .design import response_stats
 
-                return dict(stats=response_stats(design, Yc), mask=None,
+                st = (_shifted_float32_stats(design, Yc) if Yc.dtype == np.float32 else response_stats(design, Yc))
+                return dict(stats=st, mask=None,
                             masked=np.zeros(len(cols), bool), bad=np.full(len(cols), None, object))
+        Yc = np.asarray(Yc, dtype=float)
         nan = np.isnan(Yc)
         inf = np.isinf(Yc)
         bad = np.full(len(cols), None, object)
@@ -99,6 +102,25 @@ class ResponseMatrix:
 
         return dict(stats=response_stats(design, Y0), mask=M if masked.any() else None,
                     masked=masked, bad=bad)
+
+
+def _shifted_float32_stats(design, Yc: np.ndarray) -> dict:
+    """float32 cross-products of y − c (c: each response's mean over its first rows), shifted
+    back in float64: y = y' + c·1 gives Zᵀy = Zᵀy' + c·Zᵀ1, Xᵀy = Xᵀy' + c·Xᵀ1 and
+    yᵀy = y'ᵀy' + 2c·1ᵀy' + c²n.  Without the shift, float32 round-off in yᵀy and Xᵀy grows
+    with (mean/SD)² and reached 2e-3 relative in p-values for responses with mean 50."""
+    from .design import response_stats
+
+    c = Yc[: min(16, Yc.shape[0])].mean(axis=0, dtype=np.float64).astype(np.float32)
+    Ys = Yc - c
+    st = {k: np.asarray(v, np.float64) for k, v in response_stats(design, Ys).items()}
+    ones = response_stats(design, np.ones(Yc.shape[0]))
+    c64, s = c.astype(np.float64), Ys.sum(axis=0, dtype=np.float64)
+    out = dict(Z1y=st["Z1y"] + c64[:, None, None] * ones["Z1y"][None], Xy=st["Xy"] + c64[:, None] * ones["Xy"][None],
+               yy=st["yy"] + 2.0 * c64 * s + c64**2 * Yc.shape[0])
+    if "Zry" in st:
+        out["Zry"] = st["Zry"] + c64[:, None] * ones["Zry"][None]
+    return out
 
 
 def _sparse_response_stats(design, Yc) -> dict:
