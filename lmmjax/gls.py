@@ -153,11 +153,11 @@ def _value_and_grad(psi, data, spec, reml):
     return jax.value_and_grad(_criterion_and_solution, has_aux=True)(psi, data, spec, reml)
 
 
-def _hessian(fg, psi):
+def _hessian(fg, psi, dtype):
     """Central differences of the exact gradient: no second-order program to compile
-    (that compile was the largest part of a cold gls fit)."""
+    (that compile was the largest part of a cold gls fit); steps ε^(1/3) of ``dtype``."""
     k = psi.size
-    h = 1e-5 * np.maximum(1.0, np.abs(psi))
+    h = float(np.finfo(dtype).eps) ** (1.0 / 3.0) * np.maximum(1.0, np.abs(psi))
     H = np.empty((k, k))
     for i in range(k):
         e = np.zeros(k)
@@ -344,7 +344,7 @@ def fit_grouped(formula: str, data: pd.DataFrame, residual, reml: bool = True, d
             v, g = fg(psi)
             if np.max(np.abs(g)) < 1e-8:
                 break
-            H = _hessian(fg, psi)
+            H = _hessian(fg, psi, dt)
             try:
                 step = np.linalg.solve(H, g)
             except np.linalg.LinAlgError:

@@ -79,6 +79,8 @@ class ResidualStructure:
                 return v.item()
             if isinstance(v, np.ndarray):
                 return (v.shape, tuple(v.ravel().tolist()))
+            if isinstance(v, dict):
+                return tuple(sorted((k, frozen(x)) for k, x in v.items()))
             return v
         return (type(self),) + tuple(sorted((k, frozen(v)) for k, v in vars(self).items()))
 
