@@ -204,9 +204,10 @@ def _fit_one(theta0, st, layout: Layout, reml: bool, iters: int, satterthwaite: 
     def phase(p, carry):
         th, free = carry
         th = _newton(th, st, layout, reml, jnp.where(p == 0, iters, 8), free)
-        th = jnp.where(p == 0, probe(th), th)
-        th_s, free_s = snap(th)
-        return jnp.where(p == 1, th_s, th), jnp.where(p == 1, free_s, free)
+        # p is the loop index, the same for every response, so these conds stay real
+        # branches under vmap: probes and snap run once each, not in every phase
+        th = jax.lax.cond(p == 0, probe, lambda t: t, th)
+        return jax.lax.cond(p == 1, snap, lambda t: (t, free), th)
 
     th, _ = jax.lax.fori_loop(0, 3, phase, (theta0, jnp.ones(theta0.shape, bool)))
     th = _canonical(th, layout)
