@@ -40,15 +40,16 @@ import pandas as pd
 from ._compute import precision
 from ._linalg import chol_small, tril_inv_small
 from .design import DataError, build_design, design_stats, masked_design_stats
-from .inference import (_kr_pieces, _satt_df_rows, _unprofiled_criterion, contrast_matrix, dense_crossproducts,
+from .inference import (_kr_pieces, _satt_df_rows, contrast_matrix, dense_crossproducts,
                         kr_adjusted, kr_test, normalize_ddf, satterthwaite_test, t_columns, vcov_varpar)
-from .likelihood import Layout, objective, solve
+from .likelihood import Layout, factorize, objective
 from .optimize import SINGULAR_TOL, _probe_points
 from .responses import ResponseMatrix, _is_anndata, from_anndata
 
 __all__ = ["lmer_batch", "BatchResult"]
 
 STEP_LADDER = tuple(2.0 ** -np.array([0, 1, 2, 3, 5, 8, 11]))
+START_SCALES = (1 / 64, 1 / 16, 1 / 4, 1.0, 4.0)
 DEFAULT_MAX_CHUNK = 4096
 
 
@@ -83,152 +84,262 @@ def _sym(H):
     return 0.5 * (H + jnp.swapaxes(H, -1, -2))
 
 
-def _value_grad_hessian(vg, th):
-    """f, ∇f and the Hessian (differences of the exact gradient; θ is relative-scale, so
-    steps ε^(1/3)·max(1, |θ|); at θ_d = 0 the criterion is even in θ_d and the difference is
-    still the one-sided second derivative)."""
-    (v, g), (_, dg) = _central(vg, th, _step(th) * jnp.maximum(1.0, jnp.abs(th)))
-    return v, g, _sym(dg)
+class _Lanes:
+    """The per-response functions of one design, vmapped over responses ("lanes").
+
+    Everything here is written for a whole chunk at once: θ is (B, k).  Only these pure
+    functions are vmapped; the Newton loop around them runs on batched arrays, so no
+    control flow is traced through ``vmap`` (tracing batched while loops cost most of
+    the program's trace time)."""
+
+    def __init__(self, dstats, rstats, layout: Layout, reml: bool, mapped: bool):
+        self.layout, self.reml = layout, reml
+        self.d, self.r, self.dax = dstats, rstats, (0 if mapped else None)
+        n = dstats["n"]
+        p = dstats["XX"].shape[-1]
+        self.nu = (n - p) if reml else n                    # scalar, or (B,) when mapped
+
+    def _st(self, d, r):
+        return {**d, **r}
+
+    def _crit1(self, t, d, r):
+        st = self._st(d, r)
+        return objective(t, st, self.layout, self.reml)
+
+    def crit(self, th):
+        """The profiled criterion at θ (B, ..., k) -> (B, ...)."""
+        f = self._crit1
+        for _ in range(th.ndim - 2):
+            f = jax.vmap(f, in_axes=(0, None, None))
+        return jax.vmap(f, in_axes=(0, self.dax, 0))(th, self.d, self.r)
+
+    def _first1(self, t, d, r):
+        """For one response at θ: J = ∂(a, r²)/∂θ (forward mode), and as auxiliary output
+        (a, r²), M = XᵀV⁻¹X·σ², β̂ and R_X⁻¹ — a = log|L_Z|² (+ log|R_X|² for REML)."""
+        st = self._st(d, r)
+
+        def ar(t_):
+            f = factorize(t_, st, self.layout)
+            a = f["logdet_z"] + f["logdet_x"] if self.reml else f["logdet_z"]
+            val = jnp.stack([a, f["r2"]])
+            return val, (val, f["Mxx"], f["RXi"], f["z"])
+
+        return jax.jacfwd(ar, has_aux=True)(t)
+
+    def evaluate(self, th):
+        """Everything the fit needs at θ (B, k), from ONE vmapped evaluation of exact
+        first derivatives of a(θ) and r²(θ) at θ and θ ± h_i e_i (:func:`_central`):
+
+            profiled criterion  c = a + ν(1 + log(2π r²/ν)),  ν = n − p (REML) or n
+            ∇c  = ∇a + ν ∇r²/r²,   ∇²c = ∇²a + ν(∇²r²/r² − ∇r²∇r²ᵀ/r⁴)
+
+        and, at σ̂² = r²/ν, the unprofiled d(θ, σ) = a + r²/σ² + ν log(2πσ²) that
+        lmerTest's Satterthwaite df differentiate:
+
+            ∂²d/∂θ² = ∇²a + ∇²r²/σ²,  ∂²d/∂θ∂σ = −2∇r²/σ³,  ∂²d/∂σ² = 4ν/σ²
+
+        with M(θ) and ∂M/∂θ (σ does not enter M)."""
+        h = _step(th) * jnp.maximum(1.0, jnp.abs(th))
+
+        def one(t, hh, d, r):
+            return _central(lambda x: self._first1(x, d, r), t, hh)
+
+        (J, (val, M, RXi, z)), (dJ, (_, dM, _, _)) = jax.vmap(one, in_axes=(0, 0, self.dax, 0))(
+            th, h, self.d, self.r)
+        nu = jnp.broadcast_to(jnp.asarray(self.nu, th.dtype), val.shape[:1])
+        a, r2 = val[:, 0], val[:, 1]
+        ga, gr = J[:, 0], J[:, 1]
+        Ha, Hr = _sym(dJ[:, 0]), _sym(dJ[:, 1])
+        crit = a + nu * (1.0 + jnp.log(2.0 * np.pi * r2 / nu))
+        grad = ga + (nu / r2)[:, None] * gr
+        hess = Ha + (nu / r2)[:, None, None] * Hr - (nu / r2**2)[:, None, None] * gr[:, :, None] * gr[:, None, :]
+        s2 = r2 / nu
+        s = jnp.sqrt(s2)
+        k = th.shape[1]
+        H = jnp.zeros((th.shape[0], k + 1, k + 1), th.dtype)
+        H = H.at[:, :k, :k].set(Ha + Hr / s2[:, None, None])
+        H = H.at[:, :k, k].set(-2.0 * gr / (s2 * s)[:, None]).at[:, k, :k].set(-2.0 * gr / (s2 * s)[:, None])
+        H = H.at[:, k, k].set(4.0 * nu / s2)
+        dM = jnp.concatenate([dM, jnp.zeros(dM.shape[:-1] + (1,), dM.dtype)], axis=-1)
+        beta = jnp.einsum("gba,gb->ga", RXi, z)
+        vcov = s2[:, None, None] * jnp.einsum("gca,gcb->gab", RXi, RXi)
+        return dict(theta=th, criterion=crit, grad=grad, hess=hess, beta=beta, sigma2=s2, vcov=vcov,
+                    satt_H=H, satt_dM=dM, satt_M=M)
+
+    def empty(self, th):
+        """Zeros shaped like :meth:`evaluate`'s output (a loop's initial carry)."""
+        B, k = th.shape
+        p = self.d["XX"].shape[-1]
+        shapes = dict(theta=(B, k), criterion=(B,), grad=(B, k), hess=(B, k, k), beta=(B, p), sigma2=(B,),
+                      vcov=(B, p, p), satt_H=(B, k + 1, k + 1), satt_dM=(B, p, p, k + 1), satt_M=(B, p, p))
+        return {key_: jnp.zeros(s, th.dtype) for key_, s in shapes.items()}
 
 
-def _satterthwaite_fd(vp, st, layout: Layout, reml: bool):
-    """What :func:`lmmjax.inference._satterthwaite_program` returns — the Hessian of the
-    unprofiled criterion d(θ, σ), ∂M/∂(θ, σ) and M — by :func:`_central` on the exact
-    gradient (σ's step relative to σ: genes live on very different scales)."""
-    h = _step(vp) * jnp.maximum(1.0, jnp.abs(vp)).at[-1].set(jnp.abs(vp[-1]))
-    grad_and_m = jax.grad(_unprofiled_criterion, has_aux=True)
-    (_, M), (dg, dM) = _central(lambda x: grad_and_m(x, st, layout, reml), vp, h)
-    return _sym(dg), dM, M
+def _levenberg_direction(g, H):
+    """Newton direction H⁻¹g for a batch (B, k), with H shifted to H + λI where it is not
+    positive definite (Levenberg–Marquardt).  PD is read off an unrolled Cholesky (no
+    LAPACK under vmap); λ is the smallest shift found by bisection between 0 and
+    Gershgorin's (often loose) bound, times 1.5 — a loose shift crawls along flat ridges.
+    Returns the direction and whether H itself was positive definite."""
+    k = g.shape[-1]
+    eye = jnp.eye(k, dtype=g.dtype)
+    scale = jnp.maximum(1.0, jnp.max(jnp.abs(H), axis=(-2, -1)))
+
+    def is_pd(lam):
+        c = chol_small(H + lam[:, None, None] * eye)
+        return jnp.all(jnp.isfinite(c), axis=(-2, -1)) & jnp.all(
+            jnp.diagonal(c, axis1=-2, axis2=-1) > 1e-6 * jnp.sqrt(scale)[:, None], axis=-1)
+
+    pd_ = is_pd(jnp.zeros_like(scale))
+    dg = jnp.diagonal(H, axis1=-2, axis2=-1)
+    gersh = jnp.min(dg - (jnp.sum(jnp.abs(H), axis=-1) - jnp.abs(dg)), axis=-1)
+    hi0 = jnp.maximum(0.0, -gersh) + 1e-3 * scale
+
+    def bisect(_, lohi):
+        lo, hi = lohi
+        mid = 0.5 * (lo + hi)
+        ok = is_pd(mid)
+        return jnp.where(ok, lo, mid), jnp.where(ok, mid, hi)
+
+    # the bisection runs only when some response needs a shift (a branch on the whole
+    # batch, not per response: near the optimum every Hessian is PD and it is skipped)
+    hi = jax.lax.cond(jnp.all(pd_), lambda h: h,
+                      lambda h: jax.lax.fori_loop(0, 24, bisect, (jnp.zeros_like(h), h))[1], hi0)
+    shift = jnp.where(pd_, 0.0, 1.5 * hi + 1e-6 * scale)
+    Li = tril_inv_small(chol_small(H + shift[:, None, None] * eye))
+    return jnp.einsum("gba,gb->ga", Li, jnp.einsum("gab,gb->ga", Li, g)), pd_
 
 
-def _newton(theta, stats, layout: Layout, reml: bool, iters: int, free=None):
-    """``iters`` damped Newton steps on the parameters where ``free`` is True."""
-    f = partial(objective, stats=stats, layout=layout, reml=reml)
-    vg = jax.value_and_grad(f)
-    ladder = jnp.asarray(STEP_LADDER, theta.dtype)
-    free = jnp.ones(theta.shape, bool) if free is None else free
-    fixed_eye = jnp.diag(jnp.where(free, 0.0, 1.0).astype(theta.dtype))
-    tiny = jnp.finfo(theta.dtype).eps
+def _newton(lanes: _Lanes, th, free, iters, ev, done):
+    """Damped Newton on the parameters where ``free`` (B, k), for the responses not yet
+    ``done`` (their evaluation ``ev`` is kept); returns (θ, evaluation, iterations per
+    response, done).
+
+    Each iteration evaluates :meth:`_Lanes.evaluate` at θ; a response whose free gradient
+    is below round-off with a positive definite Hessian is done there (so the last
+    evaluation is the result: no extra pass).  Otherwise a ladder of step lengths is
+    tried in parallel and the best decrease taken (no line-search loop, so responses do
+    not wait for each other within an iteration); near the optimum the full Newton step
+    is taken when nothing rises beyond round-off (the single fit's Newton polish); a
+    response with no acceptable step is done.  The loop stops when every response is
+    done, or after ``iters`` iterations."""
+    ladder = jnp.asarray(STEP_LADDER, th.dtype)
+    tiny = jnp.finfo(th.dtype).eps
+    k = th.shape[1]
+    fixed_eye = jnp.where(free, 0.0, 1.0)[:, :, None] * jnp.eye(k, dtype=th.dtype)
+    both = free[:, :, None] & free[:, None, :]
 
     def step(carry):
-        th, it, _ = carry
-        v, g, H = _value_grad_hessian(vg, th)
-        g = jnp.where(free, g, 0.0)
-        H = jnp.where(free[:, None] & free[None, :], H, 0.0) + fixed_eye
-        # Levenberg shift: make H + λI comfortably positive definite where H is not.
-        # PD is read off an unrolled Cholesky (no LAPACK under vmap); the shift uses
-        # Gershgorin's bound on the smallest eigenvalue.
-        k = th.shape[0]
-        eye = jnp.eye(k, dtype=th.dtype)
-        scale = jnp.maximum(1.0, jnp.max(jnp.abs(H)))
-        def is_pd(lam):
-            c = chol_small(H + lam * eye)
-            return jnp.all(jnp.isfinite(c)) & jnp.all(jnp.diagonal(c) > 1e-6 * jnp.sqrt(scale))
-
-        pd_ = is_pd(0.0)
-        gersh = jnp.min(jnp.diagonal(H) - (jnp.sum(jnp.abs(H), axis=1) - jnp.abs(jnp.diagonal(H))))
-        # the smallest shift that makes H positive definite, by bisection between 0 and
-        # Gershgorin's (often loose) bound; a loose shift crawls along flat ridges
-        hi0 = jnp.maximum(0.0, -gersh) + 1e-3 * scale
-
-        def bisect(_, lohi):
-            lo, hi = lohi
-            mid = 0.5 * (lo + hi)
-            ok = is_pd(mid)
-            return jnp.where(ok, lo, mid), jnp.where(ok, mid, hi)
-
-        _, hi = jax.lax.fori_loop(0, 24, bisect, (jnp.zeros_like(hi0), hi0))
-        shift = jnp.where(pd_, 0.0, 1.5 * hi + 1e-6 * scale)
-        Li = tril_inv_small(chol_small(H + shift * eye))
-        d = Li.T @ (Li @ g)
-        d = d / jnp.maximum(1.0, jnp.max(jnp.abs(d)))  # θ moves at most 1 per iteration
-        cand = th[None, :] - ladder[:, None] * d[None, :]
-        vals = jax.vmap(f)(cand)
-        vals = jnp.where(jnp.isfinite(vals), vals, jnp.inf)
-        j = jnp.argmin(vals)
-        # near the optimum a full Newton step cannot lower the criterion in floating
-        # point; take it anyway when H is positive definite and nothing rises beyond
-        # round-off (what the single fit's Newton polish does)
+        th, ev_old, it, n_it, done = carry
+        ev = lanes.evaluate(th)
+        ev = jax.tree.map(lambda a, b: jnp.where(done.reshape(done.shape + (1,) * (a.ndim - 1)), b, a), ev, ev_old)
+        v = ev["criterion"]
+        g = jnp.where(free, ev["grad"], 0.0)
+        H = jnp.where(both, ev["hess"], 0.0) + fixed_eye
+        d, pd_ = _levenberg_direction(g, H)
         rel = jnp.maximum(1.0, jnp.abs(v))
-        full_ok = (shift == 0.0) & (vals[0] <= v + 1e4 * tiny * rel)
-        new = jnp.where(vals[j] < v, cand[j], th)
-        new = jnp.where(full_ok & ~(vals[j] < v - 1e6 * tiny * rel), cand[0], new)
-        # done: no move left, or a converged full Newton step
-        done = jnp.all(new == th) | (full_ok & (jnp.max(jnp.abs(g)) < 1e5 * tiny * rel))
-        return new, it + 1, done
+        converged = pd_ & (jnp.max(jnp.abs(g), axis=-1) < 1e5 * tiny * rel)
+        d = d / jnp.maximum(1.0, jnp.max(jnp.abs(d), axis=-1))[:, None]   # θ moves at most 1
+        cand = th[:, None, :] - ladder[None, :, None] * d[:, None, :]
+        # the full step first; the shorter ones only when some response still needs them
+        # (again one branch for the batch: late iterations take full steps everywhere)
+        v1 = lanes.crit(cand[:, :1])
+        v1 = jnp.where(jnp.isfinite(v1), v1, jnp.inf)
+        need = ~done & ~converged & ~(v1[:, 0] < v)
+        vals = jax.lax.cond(jnp.any(need), lambda: jnp.concatenate([v1, lanes.crit(cand[:, 1:])], axis=1),
+                            lambda: jnp.concatenate([v1, jnp.full(cand.shape[:2], jnp.inf, v1.dtype)[:, 1:]], axis=1))
+        vals = jnp.where(jnp.isfinite(vals), vals, jnp.inf)
+        j = jnp.argmin(vals, axis=-1)
+        best = jnp.take_along_axis(vals, j[:, None], axis=-1)[:, 0]
+        # near the optimum a full step cannot lower the criterion in floating point:
+        # take it anyway when H is PD and it rises by no more than round-off
+        full_ok = pd_ & (vals[:, 0] <= v + 1e4 * tiny * rel) & ~(best < v - 1e6 * tiny * rel)
+        new = jnp.where((best < v)[:, None], jnp.take_along_axis(cand, j[:, None, None], axis=1)[:, 0], th)
+        new = jnp.where(full_ok[:, None], cand[:, 0], new)
+        stuck = jnp.all(new == th, axis=-1)
+        now_done = done | converged | stuck
+        new = jnp.where(now_done[:, None], th, new)
+        return new, ev, it + 1, n_it + (~done).astype(jnp.int32), now_done
 
-    # under vmap the loop runs until every response is done (or ``iters``)
-    th, _, _ = jax.lax.while_loop(lambda c: (c[1] < iters) & ~c[2], step,
-                                  (theta, jnp.zeros((), jnp.int32), jnp.zeros((), bool)))
-    return th
+    init = (th, ev, jnp.zeros((), jnp.int32), jnp.zeros(th.shape[:1], jnp.int32), done)
+    th, ev, _, n_it, done = jax.lax.while_loop(lambda c: (c[2] < iters) & ~jnp.all(c[4]), step, init)
+    return th, ev, n_it, done
 
 
 def _canonical(theta, layout: Layout):
-    """θ with non-negative template diagonals (T Tᵀ does not see column signs)."""
+    """θ (B, k) with non-negative template diagonals (T Tᵀ does not see column signs)."""
     out, off = [], 0
     for s in layout.structures:
-        t = theta[off: off + s.n_params]
+        t = theta[:, off: off + s.n_params]
         rows, cols = (np.array(a, int) for a in zip(*s.positions))
-        T = jnp.zeros((s.q, s.q), t.dtype).at[rows, cols].set(t)
-        sign = jnp.where(jnp.diagonal(T) < 0, -1.0, 1.0).astype(t.dtype)
-        out.append((T * sign[None, :])[rows, cols])
+        T = jnp.zeros((t.shape[0], s.q, s.q), t.dtype).at[:, rows, cols].set(t)
+        sign = jnp.where(jnp.diagonal(T, axis1=-2, axis2=-1) < 0, -1.0, 1.0).astype(t.dtype)
+        out.append((T * sign[:, None, :])[:, rows, cols])
         off += s.n_params
-    return jnp.concatenate(out)
-
-
-def _fit_one(theta0, st, layout: Layout, reml: bool, iters: int, satterthwaite: bool):
-    f = partial(objective, stats=st, layout=layout, reml=reml)
-    tiny = jnp.finfo(theta0.dtype).eps
-    bidx = layout.boundary()
-
-    def probe(th):
-        # boundary: inward probes and exact zeros; continue from the best point
-        pts = jnp.concatenate([th[None, :], _probe_points(th, layout)])
-        vals = jax.vmap(f)(pts)
-        return pts[jnp.argmin(jnp.where(jnp.isfinite(vals), vals, jnp.inf))]
-
-    def snap(th):
-        # as the single fit: tiny diagonals become exactly 0 where that does not raise
-        # the criterion; those stay fixed in the last Newton phase
-        free = jnp.ones(th.shape, bool)
-        for d in bidx:
-            v0 = f(th)
-            z = th.at[d].set(0.0)
-            ok = (jnp.abs(th[d]) < 1e-3) & (f(z) <= v0 + 1e4 * tiny * jnp.maximum(1.0, jnp.abs(v0)))
-            th = jnp.where(ok, z, th)
-            free = free.at[d].set(~ok)
-        return th, free
-
-    # three phases through ONE traced Newton loop (a third of the program to trace
-    # and compile): Newton (iters) → probes; Newton (8) → snap; Newton (8) on the free set
-    def phase(p, carry):
-        th, free = carry
-        th = _newton(th, st, layout, reml, jnp.where(p == 0, iters, 8), free)
-        # p is the loop index, the same for every response, so these conds stay real
-        # branches under vmap: probes and snap run once each, not in every phase
-        th = jax.lax.cond(p == 0, probe, lambda t: t, th)
-        return jax.lax.cond(p == 1, snap, lambda t: (t, free), th)
-
-    th, _ = jax.lax.fori_loop(0, 3, phase, (theta0, jnp.ones(theta0.shape, bool)))
-    th = _canonical(th, layout)
-    v, g, H = _value_grad_hessian(jax.value_and_grad(f), th)
-    sol = solve(th, st, layout, reml)
-    out = dict(theta=th, criterion=v, grad=g, hess=H, beta=sol["beta"],
-               sigma2=sol["sigma2"], vcov=sol["vcov"])
-    if satterthwaite:
-        vp = jnp.concatenate([th, jnp.sqrt(sol["sigma2"])[None]])
-        out["satt_H"], out["satt_dM"], out["satt_M"] = _satterthwaite_fd(vp, st, layout, reml)
-    return out
+    return jnp.concatenate(out, axis=-1)
 
 
 @partial(jax.jit, static_argnames=("layout", "reml", "design_mapped", "iters", "satterthwaite"))
 def batch_fit_program(theta0, dstats, rstats, layout: Layout, reml: bool, design_mapped: bool = False,
                       iters: int = 100, satterthwaite: bool = True):
     """Fit every response (leading axis of ``rstats``, and of ``dstats`` when
-    ``design_mapped``): θ, criterion, gradient, Hessian, β̂, σ², Var(β̂) and the
-    Satterthwaite derivatives of each."""
-    one = lambda d, r: _fit_one(theta0, {**d, **r}, layout, reml, iters, satterthwaite)  # noqa: E731
-    return jax.vmap(one, in_axes=(0 if design_mapped else None, 0))(dstats, rstats)
+    ``design_mapped``): θ, criterion, gradient, Hessian, β̂, σ², Var(β̂), the
+    Satterthwaite derivatives and the Newton iterations of each.
+
+    Three Newton phases through one traced loop: Newton (``iters``) → boundary probes
+    (inward points and exact zeros of every template diagonal, continue from the best);
+    Newton (8) → snap (tiny diagonals become exactly 0 where that does not raise the
+    criterion, as in the single fit); Newton (8) with the snapped ones fixed."""
+    lanes = _Lanes(dstats, rstats, layout, reml, design_mapped)
+    B = rstats["yy"].shape[0]
+    tiny = jnp.finfo(theta0.dtype).eps
+    th0 = jnp.broadcast_to(theta0, (B,) + theta0.shape)
+    bidx = layout.boundary()
+
+    def probe(th):
+        pts = jnp.concatenate([th[:, None, :], jax.vmap(lambda t: _probe_points(t, layout))(th)], axis=1)
+        vals = lanes.crit(pts)
+        j = jnp.argmin(jnp.where(jnp.isfinite(vals), vals, jnp.inf), axis=-1)
+        return jnp.take_along_axis(pts, j[:, None, None], axis=1)[:, 0]
+
+    def snap(th, free):
+        v0 = lanes.crit(th)
+        for d in bidx:
+            z = th.at[:, d].set(0.0)
+            vz = lanes.crit(z)
+            ok = (jnp.abs(th[:, d]) < 1e-3) & (vz <= v0 + 1e4 * tiny * jnp.maximum(1.0, jnp.abs(v0)))
+            th = jnp.where(ok[:, None], z, th)
+            v0 = jnp.where(ok, vz, v0)
+            free = free.at[:, d].set(~ok)
+        return th, free
+
+    def phase(p, carry):
+        th, free, ev, n_it, done = carry
+        th, ev, n, done = _newton(lanes, th, free, jnp.where(p == 0, iters, 8), ev, done)
+        # p is the same for every response: real branches, run once each
+        th1 = jax.lax.cond(p == 0, probe, lambda t: t, th)
+        th1, free = jax.lax.cond(p == 1, snap, lambda t, f: (t, f), th1, free)
+        # a response the probes or the snap moved is fitted on; the others keep their result
+        done = done & jnp.all(th1 == th, axis=-1)
+        return th1, free, ev, n_it + n, done
+
+    # start: the best of a few multiples of the default θ (one evaluation, and the Newton
+    # iterations start near the optimum instead of at θ = 1 for every response)
+    scales = jnp.asarray(START_SCALES, th0.dtype)
+    grid = scales[None, :, None] * th0[:, None, :]
+    vals = lanes.crit(grid)
+    j = jnp.argmin(jnp.where(jnp.isfinite(vals), vals, jnp.inf), axis=-1)
+    th0 = jnp.take_along_axis(grid, j[:, None, None], axis=1)[:, 0]
+    zeros = jnp.zeros((B,), jnp.int32)
+    _, _, ev, n_it, _ = jax.lax.fori_loop(0, 3, phase, (th0, jnp.ones(th0.shape, bool), lanes.empty(th0), zeros,
+                                                       jnp.zeros((B,), bool)))
+    # the last evaluation (phase 3, at its final θ) is the result; θ canonical (T Tᵀ is
+    # blind to column signs, and so is every evaluated quantity)
+    ev = dict(ev, theta=_canonical(ev["theta"], layout), iterations=n_it)
+    if not satterthwaite:
+        for key_ in ("satt_H", "satt_dM", "satt_M"):
+            ev.pop(key_)
+    return ev
 
 
 @partial(jax.jit, static_argnames=("layout", "design_mapped"))
@@ -348,7 +459,7 @@ class BatchResult:
     """Per-response results of :func:`lmer_batch` (Series/DataFrames indexed by response).
 
     Attributes: ``fixef``, ``theta`` (DataFrames), ``sigma``, ``loglik``, ``nobs``,
-    ``converged``, ``is_singular``, ``errors`` (Series); ``vcov`` (G × p × p array);
+    ``converged``, ``is_singular``, ``errors``, ``iterations`` (Newton iterations; Series); ``vcov`` (G × p × p array);
     methods ``coef_table``, ``test``, ``anova``, ``varcorr``, ``to_anndata`` and
     ``res[name]`` for the full single-model result of one response.
     """
@@ -364,6 +475,7 @@ class BatchResult:
         self.loglik = pd.Series(-0.5 * fit["criterion"], index=idx, name="loglik")
         self.fixef = pd.DataFrame(fit["beta"], index=idx, columns=design.xnames)
         self.nobs = pd.Series(fit["nobs"], index=idx, name="nobs")
+        self.iterations = pd.Series(fit["iterations"], index=idx, name="iterations")
         self.vcov = fit["vcov"]
         self.errors = pd.Series(errors, index=idx, name="error", dtype=object)
         ok = self.errors.isna().to_numpy()
@@ -745,7 +857,7 @@ def lmer_batch(formula: str, data=None, responses=None, reml: bool = True, *, na
                hess=np.full((G, k, k), np.nan), beta=np.full((G, p), np.nan), sigma2=np.full(G, np.nan),
                vcov=np.full((G, p, p), np.nan), satt_H=np.full((G, k + 1, k + 1), np.nan),
                satt_dM=np.full((G, p, p, k + 1), np.nan), satt_M=np.full((G, p, p), np.nan),
-               nobs=np.full(G, float(n)))
+               nobs=np.full(G, float(n)), iterations=np.zeros(G, int))
     theta0 = layout.init_theta()
     bar = _progress_bar(G, progress)
     if bar is not None and (errors != None).any():  # noqa: E711

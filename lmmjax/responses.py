@@ -82,11 +82,17 @@ class ResponseMatrix:
                             masked=np.zeros(len(cols), bool), bad=np.full(len(cols), None, object))
             Yc = Yc.toarray()          # only a chunk with non-finite entries is densified
         else:
-            Yc = np.asarray(self.Y[:, cols], dtype=dtype)
-            if np.isfinite(Yc.sum(axis=0)).all():     # the common case: one cheap pass, no copies
-                from .design import response_stats
+            cols = np.asarray(cols)
+            contiguous = len(cols) > 0 and cols[-1] - cols[0] + 1 == len(cols) and np.all(np.diff(cols) == 1)
+            # a run of columns is a view (fancy indexing would copy the whole chunk)
+            Yc = np.asarray(self.Y[:, cols[0]: cols[-1] + 1] if contiguous else self.Y[:, cols], dtype=dtype)
+            from .design import response_stats
 
+            with np.errstate(invalid="ignore", over="ignore"):
                 st = (_shifted_float32_stats(design, Yc) if Yc.dtype == np.float32 else response_stats(design, Yc))
+            # yᵀy is finite exactly when the column is (NaN and ±inf propagate; a square
+            # overflowing to inf just takes the careful path below): no extra pass
+            if np.isfinite(st["yy"]).all():            # the common case
                 return dict(stats=st, mask=None,
                             masked=np.zeros(len(cols), bool), bad=np.full(len(cols), None, object))
         Yc = np.asarray(Yc, dtype=float)
