@@ -34,13 +34,14 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import jax.scipy.linalg as jsl
 import numpy as np
 import pandas as pd
 
 from ._compute import precision
-from ._linalg import chol_small, tril_inv_small
+from ._linalg import UNROLL_MAX, chol_small, gauss_jordan, tril_inv_small
 from .design import DataError, build_design, design_stats, masked_design_stats
-from .inference import (_kr_pieces, _satt_df_rows, contrast_matrix, dense_crossproducts,
+from .inference import (_satt_df_rows, contrast_matrix, dense_crossproducts,
                         kr_adjusted, kr_test, normalize_ddf, satterthwaite_test, t_columns, vcov_varpar)
 from .likelihood import Layout, factorize, objective
 from .optimize import SINGULAR_TOL, _probe_points
@@ -342,25 +343,111 @@ def batch_fit_program(theta0, dstats, rstats, layout: Layout, reml: bool, design
     return ev
 
 
-@partial(jax.jit, static_argnames=("layout", "design_mapped"))
-def batch_kr_program(theta, sigma, dense, layout: Layout, design_mapped: bool = False):
-    """Kenward-Roger pieces (M, ∂M, ∂²M, expected information) for every response,
-    in pbkrtest's natural parameters φ (entries of each Σ_k, then σ²)."""
-    def one(th, s, dn):
-        Ts = layout.factors(th)
-        phi = jnp.concatenate([st.natural_from_cov(s * s * T @ T.T) for st, T in zip(layout.structures, Ts)]
-                              + [(s * s)[None]])
-        m_of = lambda ph: _kr_pieces(ph, dn, layout, lapack=False)[0]  # noqa: E731
-        ld_of = lambda ph: _kr_pieces(ph, dn, layout, lapack=False)[1]  # noqa: E731
-        # first derivatives by autodiff, second ones by central differences of them
-        # (steps relative to each variance, floored at 1e-3 of the largest so a zero
-        # variance still moves)
-        a = jnp.abs(phi)
-        first = lambda ph: (m_of(ph), jax.jacfwd(m_of)(ph), jax.grad(ld_of)(ph))  # noqa: E731
-        (M, P, _), (_, dP, dg) = _central(first, phi, _step(phi) * jnp.maximum(a, 1e-3 * jnp.max(a)))
-        return M, P, _sym(dP), -0.5 * _sym(dg)
+def _basis_matrices(layout: Layout) -> np.ndarray:
+    """E_i = ∂(I_ℓ ⊗ Σ_k)/∂φ_i placed in Λ's q × q layout, one per random-effect natural
+    parameter φ_i (Σ_k is linear in φ for the structures lmer_batch fits): (m, q, q)."""
+    q_tot = sum(l * s.q for s, l in zip(layout.structures, layout.n_levels))
+    out, start = [], 0
+    with jax.ensure_compile_time_eval():
+        for s, l in zip(layout.structures, layout.n_levels):
+            for i in range(s.n_natural):
+                e = np.zeros(s.n_natural)
+                e[i] = 1.0
+                Ei = np.asarray(s.cov_from_natural(jnp.asarray(e)), float)
+                full = np.zeros((q_tot, q_tot))
+                full[start: start + l * s.q, start: start + l * s.q] = np.kron(np.eye(l), Ei)
+                out.append(full)
+            start += l * s.q
+    return np.stack(out)
 
-    return jax.vmap(one, in_axes=(0, 0, 0 if design_mapped else None))(theta, sigma, dense)
+
+def _spd_inverse(A, blocks=None):
+    """A⁻¹ for one small SPD matrix without LAPACK (vmapped over thousands of responses):
+    unrolled Cholesky up to 6 × 6; block by block when A is block diagonal with
+    ``blocks = (ℓ, b)`` blocks of size b ≤ 6; else Gauss-Jordan."""
+    q = A.shape[-1]
+    if q <= UNROLL_MAX or (blocks is not None and blocks[1] <= UNROLL_MAX):
+        ell, bsz = (1, q) if q <= UNROLL_MAX else blocks
+        idx = np.arange(ell)
+        Ab = A.reshape(ell, bsz, ell, bsz)[idx, :, idx, :]                  # (ℓ, b, b)
+        Li = tril_inv_small(chol_small(Ab))
+        inv = jnp.einsum("jba,jbc->jac", Li, Li)
+        out = jnp.zeros((ell, bsz, ell, bsz), A.dtype).at[idx, :, idx, :].set(inv)
+        return out.reshape(q, q)
+    return gauss_jordan(A, jnp.eye(q, dtype=A.dtype))[0]
+
+
+def _kr_linear(theta, sigma, dense, E, layout: Layout):
+    r"""Kenward-Roger pieces for one response whose V is linear in pbkrtest's natural
+    parameters φ = (entries of each Σ_k, σ²), in closed form — no autodiff, no
+    differences.  V = Σ_i φ_i G_i with G_i = Z E_i Zᵀ and G_σ² = I.
+
+    With Λ from θ, A = ΛᵀZᵀZΛ + I and N = ΛA⁻¹Λᵀ, σ²V⁻¹ = I − ZNZᵀ (Woodbury), so every
+    product of V⁻¹ with Z and X reduces to q × q and q × p algebra on the cross-products:
+    σ²ZᵀV⁻¹Z = ZᵀZ − ZᵀZNZᵀZ, σ²ZᵀV⁻¹X = ZᵀX − ZᵀZNZᵀX, σ²XᵀV⁻¹X = XᵀX − XᵀZNZᵀX,
+    σ²V⁻¹X = X − ZNZᵀX (its Gram matrix and Z-products give XᵀV⁻²X, ZᵀV⁻²X, XᵀV⁻³X).
+    Then, with U = ZᵀV⁻¹X, Ω = ZᵀV⁻¹Z, Φ = M⁻¹ and Π = V⁻¹ − V⁻¹XΦXᵀV⁻¹
+    (Kenward & Roger 1997; Halekoh & Højsgaard 2014, pbkrtest):
+
+        M    = XᵀV⁻¹X                       P_i = −UᵀE_iU,        P_σ = −XᵀV⁻²X
+        Q_ij = UᵀE_iΩE_jU,  Q_iσ = UᵀE_iZᵀV⁻²X,  Q_σσ = XᵀV⁻³X,  ∂²M/∂φ_i∂φ_j = Q_ij + Q_ji
+        I_E  = ½tr(ΠG_iΠG_j):  ½tr(E_iΨE_jΨ) with Ψ = ZᵀΠZ;  ½tr(E_iZᵀΠ²Z);  ½tr(Π²)
+
+    Returns (M, P (p, p, k), ∂²M (p, p, k, k), I_E (k, k)) as :func:`kr_adjusted` takes them."""
+    ZtZ, ZtX, XX, n = dense["ZtZ"], dense["ZtX"], dense["XX"], dense["n"]
+    q = ZtZ.shape[0]
+    s2 = sigma * sigma
+    Lam = jsl.block_diag(*[jnp.kron(jnp.eye(l, dtype=theta.dtype), T)
+                           for T, l in zip(layout.factors(theta), layout.n_levels)])
+    A = Lam.T @ ZtZ @ Lam + jnp.eye(q, dtype=theta.dtype)
+    single = len(layout.structures) == 1
+    N = Lam @ _spd_inverse(A, (layout.n_levels[0], layout.q[0]) if single else None) @ Lam.T
+    ZN = ZtZ @ N                                   # ZᵀZ N
+    I_ZN = jnp.eye(q, dtype=theta.dtype) - ZN
+    Rz = ZtZ - ZN @ ZtZ                            # σ² ZᵀV⁻¹Z
+    Ux = ZtX - ZN @ ZtX                            # σ² ZᵀV⁻¹X
+    Mx = XX - ZtX.T @ N @ ZtX                      # σ² XᵀV⁻¹X
+    X2 = Mx - ZtX.T @ N @ Ux                       # σ⁴ XᵀV⁻²X
+    X3 = X2 - Ux.T @ N @ Ux                        # σ⁶ XᵀV⁻³X
+    M = Mx / s2
+    Phi = _spd_inverse(M)
+    U, Om = Ux / s2, Rz / s2
+    ZW2Z, ZW2X = I_ZN @ Rz / s2**2, I_ZN @ Ux / s2**2
+    XW2X, XW3X = X2 / s2**2, X3 / s2**3
+    trW2 = (n - 2.0 * jnp.trace(ZN) + jnp.sum(ZN * ZN.T)) / s2**2
+
+    EU = jnp.einsum("iab,bp->iap", E, U)                                   # (m, q, p)
+    P_re = -jnp.einsum("aq,iap->iqp", U, EU)
+    P = jnp.concatenate([P_re, -XW2X[None]])                               # (k, p, p)
+    Q_re = jnp.einsum("iap,ab,jbr->ijpr", EU, Om, EU)
+    Q_rs = jnp.einsum("iap,ar->ipr", EU, ZW2X)                             # Q_iσ
+    m = E.shape[0]
+    Q = jnp.zeros((m + 1, m + 1) + M.shape, M.dtype)
+    Q = Q.at[:m, :m].set(Q_re).at[:m, m].set(Q_rs).at[m, :m].set(jnp.swapaxes(Q_rs, -1, -2)).at[m, m].set(XW3X)
+    HM = Q + jnp.swapaxes(Q, 0, 1)
+    UPhi = U @ Phi
+    Psi = Om - UPhi @ U.T                                                  # ZᵀΠZ
+    Pi2 = (ZW2Z - ZW2X @ UPhi.T - UPhi @ ZW2X.T + UPhi @ XW2X @ UPhi.T)   # ZᵀΠ²Z
+    EPsi = jnp.einsum("iab,bc->iac", E, Psi)
+    IE_re = 0.5 * jnp.einsum("iab,jba->ij", EPsi, EPsi)
+    IE_rs = 0.5 * jnp.einsum("iab,ba->i", E, Pi2)
+    PhiX2 = Phi @ XW2X
+    IE_ss = 0.5 * (trW2 - 2.0 * jnp.trace(Phi @ XW3X) + jnp.sum(PhiX2 * PhiX2.T))
+    IE = jnp.zeros((m + 1, m + 1), M.dtype)
+    IE = IE.at[:m, :m].set(IE_re).at[:m, m].set(IE_rs).at[m, :m].set(IE_rs).at[m, m].set(IE_ss)
+    return M, jnp.moveaxis(P, 0, -1), jnp.moveaxis(HM, (0, 1), (-2, -1)), IE
+
+
+@partial(jax.jit, static_argnames=("layout", "design_mapped", "batch_size"))
+def batch_kr_program(theta, sigma, dense, layout: Layout, design_mapped: bool = False, batch_size=None):
+    """Kenward-Roger pieces (M, ∂M, ∂²M, expected information) for every response,
+    in pbkrtest's natural parameters φ (entries of each Σ_k, then σ²): :func:`_kr_linear`
+    mapped over responses, ``batch_size`` at a time (memory: a few q × q matrices each)."""
+    E = jnp.asarray(_basis_matrices(layout), theta.dtype)
+    if design_mapped:
+        return jax.lax.map(lambda a: _kr_linear(a[0], a[1], a[2], E, layout), (theta, sigma, dense),
+                           batch_size=batch_size)
+    return jax.lax.map(lambda a: _kr_linear(a[0], a[1], dense, E, layout), (theta, sigma), batch_size=batch_size)
 
 
 # ---------------------------------------------------------------- chunks
@@ -534,16 +621,27 @@ class BatchResult:
                    np.full((G, k, p, p), np.nan)]
             theta, sigma = self.theta.to_numpy(), self.sigma.to_numpy()
             lay = self.design.layout
+            # a few q × q matrices per response: map in batches that keep them near 1 GB
+            q_tot = sum(l * s.q for s, l in zip(lay.structures, lay.n_levels))
+            per = 8.0 * (16 + 2 * k) * q_tot**2 + 8.0 * k * k * p * p * 4
+            pad_to = {}
+            for ch in self._chunks:   # chunks of a kind share one compiled program
+                pad_to[ch.mapped] = max(pad_to.get(ch.mapped, 0), len(ch.idx))
             with precision(self.dtype) as dt:
                 for ch in self._chunks:
-                    dense = _dense_batch(ch.dstats, lay) if ch.mapped else dense_crossproducts(ch.dstats, lay)
+                    size = pad_to[ch.mapped]
+                    bs = None if size * per <= 1e9 else max(1, int(1e9 // per))
+                    d_, _ = ch.padded(size)
+                    dense = _dense_batch(d_, lay) if ch.mapped else dense_crossproducts(ch.dstats, lay)
                     dense = {k_: jax.device_put(np.asarray(v, dt)) for k_, v in dense.items()}
-                    res = batch_kr_program(jax.device_put(theta[ch.idx].astype(dt)),
-                                           jax.device_put(sigma[ch.idx].astype(dt)), dense,
-                                           layout=lay, design_mapped=ch.mapped)
-                    pieces = kr_adjusted(*jax.device_get(res))
+                    rows = np.concatenate([ch.idx, np.repeat(ch.idx[-1:], size - len(ch.idx))])
+                    res = batch_kr_program(jax.device_put(np.nan_to_num(theta[rows]).astype(dt)),
+                                           jax.device_put(np.nan_to_num(sigma[rows], nan=1.0).astype(dt)), dense,
+                                           layout=lay, design_mapped=ch.mapped, batch_size=bs)
+                    pieces = kr_adjusted(*(np.asarray(a)[: len(ch.idx)] for a in jax.device_get(res)))
+                    valid = np.isfinite(theta[ch.idx]).all(axis=1) & np.isfinite(sigma[ch.idx])
                     for o, v in zip(out, pieces):
-                        o[ch.idx] = v
+                        o[ch.idx[valid]] = v[valid]     # failed responses stay NaN
             self._kr = tuple(out)
         return self._kr
 
