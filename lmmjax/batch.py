@@ -44,7 +44,7 @@ from .design import DataError, build_design, design_stats, masked_design_stats
 from .inference import (_satt_df_rows, contrast_matrix, dense_crossproducts,
                         kr_adjusted, kr_test, normalize_ddf, satterthwaite_test, t_columns, vcov_varpar)
 from .likelihood import Layout, factorize, objective
-from .optimize import SINGULAR_TOL, _probe_points
+from .optimize import PROBE_STEPS, SINGULAR_TOL, _probe_points
 from .responses import ResponseMatrix, _is_anndata, from_anndata
 
 __all__ = ["lmer_batch", "BatchResult"]
@@ -211,10 +211,10 @@ def _levenberg_direction(g, H):
     return jnp.einsum("gba,gb->ga", Li, jnp.einsum("gab,gb->ga", Li, g)), pd_
 
 
-def _newton(lanes: _Lanes, th, free, iters, ev, done):
+def _newton(lanes: _Lanes, th, free, iters, ev, settled):
     """Damped Newton on the parameters where ``free`` (B, k), for the responses not yet
-    ``done`` (their evaluation ``ev`` is kept); returns (θ, evaluation, iterations per
-    response, done).
+    ``settled`` (their evaluation ``ev`` is kept); returns (θ, evaluation, iterations per
+    response, settled).
 
     Each iteration evaluates :meth:`_Lanes.evaluate` at θ; a response whose free gradient
     is below round-off with a positive definite Hessian is done there (so the last
@@ -262,9 +262,9 @@ def _newton(lanes: _Lanes, th, free, iters, ev, done):
         new = jnp.where(now_done[:, None], th, new)
         return new, ev, it + 1, n_it + (~done).astype(jnp.int32), now_done
 
-    init = (th, ev, jnp.zeros((), jnp.int32), jnp.zeros(th.shape[:1], jnp.int32), done)
-    th, ev, _, n_it, done = jax.lax.while_loop(lambda c: (c[2] < iters) & ~jnp.all(c[4]), step, init)
-    return th, ev, n_it, done
+    init = (th, ev, jnp.zeros((), jnp.int32), jnp.zeros(th.shape[:1], jnp.int32), settled)
+    th, ev, _, n_it, settled = jax.lax.while_loop(lambda c: (c[2] < iters) & ~jnp.all(c[4]), step, init)
+    return th, ev, n_it, settled
 
 
 def _canonical(theta, layout: Layout):
@@ -287,53 +287,54 @@ def batch_fit_program(theta0, dstats, rstats, layout: Layout, reml: bool, design
     ``design_mapped``): θ, criterion, gradient, Hessian, β̂, σ², Var(β̂), the
     Satterthwaite derivatives and the Newton iterations of each.
 
-    Three Newton phases through one traced loop: Newton (``iters``) → boundary probes
-    (inward points and exact zeros of every template diagonal, continue from the best);
-    Newton (8) → snap (tiny diagonals become exactly 0 where that does not raise the
-    criterion, as in the single fit); Newton (8) with the snapped ones fixed."""
+    Three phases through one traced loop, each a transition and Newton iterations: the
+    best of a few multiples of the default θ, Newton (``iters``); boundary probes (inward
+    points and exact zeros of every template diagonal, continue from the best), Newton
+    (8); snap (tiny diagonals become exactly 0 where that does not raise the criterion, as
+    in the single fit), Newton (8) with the snapped ones fixed."""
     lanes = _Lanes(dstats, rstats, layout, reml, design_mapped)
     B = rstats["yy"].shape[0]
     tiny = jnp.finfo(theta0.dtype).eps
-    th0 = jnp.broadcast_to(theta0, (B,) + theta0.shape)
     bidx = layout.boundary()
+    nb = len(bidx)
+    n_cand = max(len(START_SCALES), 1 + len(PROBE_STEPS) * nb + nb)
 
-    def probe(th):
-        pts = jnp.concatenate([th[:, None, :], jax.vmap(lambda t: _probe_points(t, layout))(th)], axis=1)
-        vals = lanes.crit(pts)
-        j = jnp.argmin(jnp.where(jnp.isfinite(vals), vals, jnp.inf), axis=-1)
-        return jnp.take_along_axis(pts, j[:, None, None], axis=1)[:, 0]
+    def padded(c, th):
+        return jnp.concatenate([c, jnp.repeat(th[:, None, :], n_cand - c.shape[1], axis=1)], axis=1)
 
-    def snap(th, free):
-        v0 = lanes.crit(th)
-        for d in bidx:
-            z = th.at[:, d].set(0.0)
-            vz = lanes.crit(z)
-            ok = (jnp.abs(th[:, d]) < 1e-3) & (vz <= v0 + 1e4 * tiny * jnp.maximum(1.0, jnp.abs(v0)))
-            th = jnp.where(ok[:, None], z, th)
-            v0 = jnp.where(ok, vz, v0)
-            free = free.at[:, d].set(~ok)
-        return th, free
+    def candidates(p, th):
+        """(B, n_cand, k) points whose criterion decides the phase's starting point:
+        p = 0, multiples of the default θ; p = 1, θ and the boundary probes (inward steps
+        and exact zeros of every template diagonal); p = 2, θ and θ with one diagonal 0."""
+        grid = jnp.asarray(START_SCALES, th.dtype)[None, :, None] * theta0[None, None, :]
+        grid = padded(jnp.broadcast_to(grid, (B,) + grid.shape[1:]), th)
+        probes = padded(jnp.concatenate([th[:, None, :], jax.vmap(lambda t: _probe_points(t, layout))(th)], 1), th)
+        zeros = padded(jnp.concatenate([th[:, None, :]] + [th.at[:, d].set(0.0)[:, None, :] for d in bidx], 1), th)
+        return jnp.select([p == 0, p == 1], [grid, probes], zeros)
 
     def phase(p, carry):
-        th, free, ev, n_it, done = carry
-        th, ev, n, done = _newton(lanes, th, free, jnp.where(p == 0, iters, 8), ev, done)
-        # p is the same for every response: real branches, run once each
-        th1 = jax.lax.cond(p == 0, probe, lambda t: t, th)
-        th1, free = jax.lax.cond(p == 1, snap, lambda t, f: (t, f), th1, free)
-        # a response the probes or the snap moved is fitted on; the others keep their result
-        done = done & jnp.all(th1 == th, axis=-1)
-        return th1, free, ev, n_it + n, done
+        th, free, ev, n_it, settled = carry
+        # one criterion call site for all three transitions (each copy of the criterion
+        # costs ~0.15 s of compile time)
+        cand = candidates(p, th)
+        vals = lanes.crit(cand)
+        vals = jnp.where(jnp.isfinite(vals), vals, jnp.inf)
+        best = jnp.take_along_axis(cand, jnp.argmin(vals, axis=-1)[:, None, None], axis=1)[:, 0]
+        # snap (as the single fit): each diagonal below 1e-3 whose zero does not raise the
+        # criterion becomes exactly 0 and stays fixed in the last phase
+        tol = 1e4 * tiny * jnp.maximum(1.0, jnp.abs(vals[:, 0]))
+        ok = (jnp.abs(th[:, bidx]) < 1e-3) & (vals[:, 1: 1 + nb] <= (vals[:, 0] + tol)[:, None])
+        snapped = th.at[:, bidx].set(jnp.where(ok, 0.0, th[:, bidx]))
+        th_new = jnp.where(p == 2, snapped, best)
+        free = jnp.where(p == 2, free.at[:, bidx].set(~ok), free)
+        # a response the transition moved is fitted on; the others keep their result
+        settled = settled & jnp.all(th_new == th, axis=-1)
+        th, ev, n, settled = _newton(lanes, th_new, free, jnp.where(p == 0, iters, 8), ev, settled)
+        return th, free, ev, n_it + n, settled
 
-    # start: the best of a few multiples of the default θ (one evaluation, and the Newton
-    # iterations start near the optimum instead of at θ = 1 for every response)
-    scales = jnp.asarray(START_SCALES, th0.dtype)
-    grid = scales[None, :, None] * th0[:, None, :]
-    vals = lanes.crit(grid)
-    j = jnp.argmin(jnp.where(jnp.isfinite(vals), vals, jnp.inf), axis=-1)
-    th0 = jnp.take_along_axis(grid, j[:, None, None], axis=1)[:, 0]
-    zeros = jnp.zeros((B,), jnp.int32)
-    _, _, ev, n_it, _ = jax.lax.fori_loop(0, 3, phase, (th0, jnp.ones(th0.shape, bool), lanes.empty(th0), zeros,
-                                                       jnp.zeros((B,), bool)))
+    th0 = jnp.broadcast_to(theta0, (B,) + theta0.shape)
+    _, _, ev, n_it, _ = jax.lax.fori_loop(0, 3, phase, (th0, jnp.ones(th0.shape, bool), lanes.empty(th0),
+                                                       jnp.zeros((B,), jnp.int32), jnp.zeros((B,), bool)))
     # the last evaluation (phase 3, at its final θ) is the result; θ canonical (T Tᵀ is
     # blind to column signs, and so is every evaluated quantity)
     ev = dict(ev, theta=_canonical(ev["theta"], layout), iterations=n_it)
