@@ -50,7 +50,7 @@ from .responses import ResponseMatrix, _is_anndata, from_anndata
 __all__ = ["lmer_batch", "BatchResult"]
 
 STEP_LADDER = tuple(2.0 ** -np.array([0, 1, 2, 3, 5, 8, 11]))
-START_SCALES = (1 / 64, 1 / 16, 1 / 4, 1.0, 4.0)
+START_SCALES = tuple(4.0 ** np.arange(-5, 2))
 DEFAULT_MAX_CHUNK = 4096
 
 
