@@ -51,6 +51,8 @@ __all__ = ["lmer_batch", "BatchResult"]
 
 STEP_LADDER = tuple(2.0 ** -np.array([0, 1, 2, 3, 5, 8, 11]))
 START_SCALES = tuple(4.0 ** np.arange(-5, 2))
+MAX_STEP = 0.9
+STALL_RUN = 4
 DEFAULT_MAX_CHUNK = 4096
 
 
@@ -231,7 +233,7 @@ def _newton(lanes: _Lanes, th, free, iters, ev, settled):
     both = free[:, :, None] & free[:, None, :]
 
     def step(carry):
-        th, ev_old, it, n_it, done = carry
+        th, ev_old, it, n_it, done, settled, run = carry
         ev = lanes.evaluate(th)
         ev = jax.tree.map(lambda a, b: jnp.where(done.reshape(done.shape + (1,) * (a.ndim - 1)), b, a), ev, ev_old)
         v = ev["criterion"]
@@ -240,7 +242,10 @@ def _newton(lanes: _Lanes, th, free, iters, ev, settled):
         d, pd_ = _levenberg_direction(g, H)
         rel = jnp.maximum(1.0, jnp.abs(v))
         converged = pd_ & (jnp.max(jnp.abs(g), axis=-1) < 1e5 * tiny * rel)
-        d = d / jnp.maximum(1.0, jnp.max(jnp.abs(d), axis=-1))[:, None]   # θ moves at most 1
+        # θ moves at most 0.9 per iteration — not 1: from the start grid's round values a
+        # clipped step of exactly 1 lands a template diagonal on exactly 0, a saddle point
+        # where its gradient vanishes and Newton can never leave it
+        d = d / jnp.maximum(1.0, jnp.max(jnp.abs(d), axis=-1) / MAX_STEP)[:, None]
         cand = th[:, None, :] - ladder[None, :, None] * d[:, None, :]
         # the full step first; the shorter ones only when some response still needs them
         # (again one branch for the batch: late iterations take full steps everywhere)
@@ -258,12 +263,21 @@ def _newton(lanes: _Lanes, th, free, iters, ev, settled):
         new = jnp.where((best < v)[:, None], jnp.take_along_axis(cand, j[:, None, None], axis=1)[:, 0], th)
         new = jnp.where(full_ok[:, None], cand[:, 0], new)
         stuck = jnp.all(new == th, axis=-1)
-        now_done = done | converged | stuck
+        # stalled: STALL_RUN iterations in a row that lowered the criterion by less than
+        # 1e-11 of it without converging — a flat valley (e.g. a singular template whose
+        # remaining entries can rotate freely).  It stops here unsettled: the probes and
+        # the snap of the next phase decide it, and the next phase goes on with it.
+        v_new = jnp.where(full_ok, vals[:, 0], jnp.minimum(best, v))
+        run = jnp.where(v - v_new < 1e-11 * rel, run + 1, 0)
+        stalled = run >= STALL_RUN
+        settled = jnp.where(done, settled, converged | stuck)
+        now_done = done | converged | stuck | stalled
         new = jnp.where(now_done[:, None], th, new)
-        return new, ev, it + 1, n_it + (~done).astype(jnp.int32), now_done
+        return new, ev, it + 1, n_it + (~done).astype(jnp.int32), now_done, settled, run
 
-    init = (th, ev, jnp.zeros((), jnp.int32), jnp.zeros(th.shape[:1], jnp.int32), settled)
-    th, ev, _, n_it, settled = jax.lax.while_loop(lambda c: (c[2] < iters) & ~jnp.all(c[4]), step, init)
+    zeros = jnp.zeros(th.shape[:1], jnp.int32)
+    init = (th, ev, jnp.zeros((), jnp.int32), zeros, settled, settled, zeros)
+    th, ev, _, n_it, _, settled, _ = jax.lax.while_loop(lambda c: (c[2] < iters) & ~jnp.all(c[4]), step, init)
     return th, ev, n_it, settled
 
 

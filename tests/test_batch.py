@@ -60,6 +60,9 @@ def test_each_response_equals_single_fit(rhs):
     res = lmmjax.lmer_batch(rhs, obs, Y, progress=False)
     assert list(res.coef_table("condition").index) == list(Y.columns)
     _check_against_single(res, rhs, obs, Y, Y.columns, kr=True)
+    # no response sat in a saddle (a template diagonal on exactly 0 with its gradient 0)
+    # or a flat valley until the iteration cap: the whole chunk waits for it
+    assert res.iterations.max() < 40, res.iterations.max()
     # the full single-model object for one response
     one = res["gene3"]
     np.testing.assert_allclose(one.fixef.to_numpy(), res.fixef.loc["gene3"].to_numpy(), rtol=RTOL)
