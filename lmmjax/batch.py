@@ -251,7 +251,8 @@ def _newton(lanes: _Lanes, th, free, iters, ev, settled):
         # (again one branch for the batch: late iterations take full steps everywhere)
         v1 = lanes.crit(cand[:, :1])
         v1 = jnp.where(jnp.isfinite(v1), v1, jnp.inf)
-        need = ~done & ~converged & ~(v1[:, 0] < v)
+        # (a full step within round-off of v at a PD Hessian is taken as it is, below)
+        need = ~done & ~converged & ~(v1[:, 0] < v) & ~(pd_ & (v1[:, 0] <= v + 1e4 * tiny * rel))
         vals = jax.lax.cond(jnp.any(need), lambda: jnp.concatenate([v1, lanes.crit(cand[:, 1:])], axis=1),
                             lambda: jnp.concatenate([v1, jnp.full(cand.shape[:2], jnp.inf, v1.dtype)[:, 1:]], axis=1))
         vals = jnp.where(jnp.isfinite(vals), vals, jnp.inf)
