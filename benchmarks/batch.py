@@ -725,9 +725,9 @@ def report(R: dict, args, sections: dict, wall_total: float) -> str:  # noqa: C9
         ext = rr["per_gene_satt"] * G
         target(f">= {R_SPEEDUP_TARGET:g}x faster than lme4 + lmerTest (lmmjax warm)", fr(ext, m["total"]),
                ext / m["total"] >= R_SPEEDUP_TARGET, f"R {fs(ext)} extrapolated")
-        if fr_:
-            target(f">= {R_SPEEDUP_TARGET:g}x faster than lme4 + lmerTest (lmmjax fresh)", fr(ext, fr_["total"]),
-                   ext / fr_["total"] >= R_SPEEDUP_TARGET, "fresh total wall")
+        if fr_:   # the issue ties the 500x to the warm run ("under 1 s warm (>= 500x ...)")
+            target("speed-up over lme4 + lmerTest, lmmjax fresh (information)", fr(ext, fr_["total"]), None,
+                   "fresh total wall, compile included")
     else:
         target(f">= {R_SPEEDUP_TARGET:g}x faster than lme4 + lmerTest", "-", None, "R not run")
     if fl and m:
