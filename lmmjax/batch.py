@@ -8,17 +8,21 @@ sums, one sparse product for all such responses: :func:`~lmmjax.design.masked_de
 and runs through the same compiled program with the design statistics mapped too.
 After that, every per-response computation costs nothing in n.
 
-The fit is a vmapped **damped Newton** on θ with the exact Hessian (θ has a handful
-of entries); each iteration tries a ladder of step lengths in parallel (no line-search
-loop, so responses do not wait for each other within an iteration) and keeps the best
-(a step that does not lower the criterion is not taken).  Where the Hessian is not
-positive definite it is shifted (Levenberg–Marquardt), and a step moves θ by at most 1.
-The iterations stop when every response of the chunk has converged (at most 100).  The
-θ = 0 trap is handled as in the single fit: the criterion is probed at inward points
-and at exactly 0 for every diagonal entry, the best point is taken, and the Newton
-iterations continue from there.  The same program then evaluates β̂, Var(β̂) and the
-Satterthwaite derivatives (lmerTest's method, exact autodiff) for every response;
-Kenward-Roger pieces are a second vmapped program, run on demand.
+The fit is a **damped Newton** on θ for a whole chunk at once, written on (B, k)
+arrays: only the pure per-response evaluations are vmapped, never the loop.  One
+evaluation per iteration — exact forward-mode derivatives of a(θ) = log|L_Z|²
+(+ log|R_X|²) and r²(θ) at θ and θ ± hᵢeᵢ — gives the criterion, its gradient and
+Hessian, β̂, Var(β̂) and the Satterthwaite derivatives, so the last iteration's
+evaluation is the result.  Each iteration tries a ladder of step lengths in parallel
+(the shorter ones only when some response needs them; a step that does not lower
+the criterion is not taken); a Hessian that is not positive definite is shifted
+(Levenberg–Marquardt); a step moves θ by at most 0.9.  The iterations stop when every
+response of the chunk has converged, stalled or got stuck (at most 100).  The start is
+the best of a few multiples of the default θ; the θ = 0 trap is handled as in the
+single fit: the criterion is probed at inward points and at exactly 0 for every
+diagonal entry and the Newton iterations continue from the best point, then tiny
+diagonals are snapped to exactly 0.  Kenward-Roger pieces come on demand from a
+second program, in closed form (:func:`_kr_linear`).
 
 Chunks are sized to a memory budget, dispatched round-robin to every local device
 (GPUs, or CPU devices), or handed to a Dask cluster; one bad response (infinite
