@@ -228,8 +228,9 @@ def _newton(lanes: _Lanes, th, free, iters, ev, settled):
     tried in parallel and the best decrease taken (no line-search loop, so responses do
     not wait for each other within an iteration); near the optimum the full Newton step
     is taken when nothing rises beyond round-off (the single fit's Newton polish); a
-    response with no acceptable step is done.  The loop stops when every response is
-    done, or after ``iters`` iterations."""
+    response with no acceptable step is done (settled), and so is one that has stalled
+    (done, not settled: the next phase goes on with it).  The loop stops when every
+    response is done, or after ``iters`` iterations."""
     ladder = jnp.asarray(STEP_LADDER, th.dtype)
     tiny = jnp.finfo(th.dtype).eps
     k = th.shape[1]
@@ -462,7 +463,8 @@ def _kr_linear(theta, sigma, dense, E, layout: Layout):
 def batch_kr_program(theta, sigma, dense, layout: Layout, design_mapped: bool = False, batch_size=None):
     """Kenward-Roger pieces (M, ∂M, ∂²M, expected information) for every response,
     in pbkrtest's natural parameters φ (entries of each Σ_k, then σ²): :func:`_kr_linear`
-    mapped over responses, ``batch_size`` at a time (memory: a few q × q matrices each)."""
+    mapped over responses, ``batch_size`` at a time (vmapped within a batch; memory: a few
+    q × q matrices per response)."""
     E = jnp.asarray(_basis_matrices(layout), theta.dtype)
     if design_mapped:
         return jax.lax.map(lambda a: _kr_linear(a[0], a[1], a[2], E, layout), (theta, sigma, dense),
@@ -650,7 +652,7 @@ class BatchResult:
             with precision(self.dtype) as dt:
                 for ch in self._chunks:
                     size = pad_to[ch.mapped]
-                    bs = None if size * per <= 1e9 else max(1, int(1e9 // per))
+                    bs = size if size * per <= 1e9 else max(1, int(1e9 // per))
                     d_, _ = ch.padded(size)
                     dense = _dense_batch(d_, lay) if ch.mapped else dense_crossproducts(ch.dstats, lay)
                     dense = {k_: jax.device_put(np.asarray(v, dt)) for k_, v in dense.items()}
