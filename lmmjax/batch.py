@@ -43,11 +43,11 @@ import numpy as np
 import pandas as pd
 
 from ._compute import precision
-from ._linalg import UNROLL_MAX, chol_small, gauss_jordan, tril_inv_small
+from ._linalg import UNROLL_MAX, chol_small, spd_solve, tril_inv_small
 from .design import DataError, build_design, design_stats, masked_design_stats
 from .inference import (_satt_df_rows, contrast_matrix, dense_crossproducts,
                         kr_adjusted, kr_test, normalize_ddf, satterthwaite_test, t_columns, vcov_varpar)
-from .likelihood import Layout, factorize, objective
+from .likelihood import Layout, criterion, factorize, objective
 from .optimize import PROBE_STEPS, SINGULAR_TOL, _probe_points
 from .responses import ResponseMatrix, _is_anndata, from_anndata
 
@@ -65,10 +65,9 @@ def _central(fn, x, h):
     """``fn(x)`` and, for every output, its central-difference derivatives along each x_i
     (appended as a last axis), from ONE vmapped evaluation of ``fn`` at x and x ± h_i·e_i.
 
-    Used for every second derivative of the batch programs (Newton Hessians, the
-    Satterthwaite Hessian and ∂M, Kenward-Roger's ∂²M and information) on top of exact
-    autodiff first derivatives: nested autodiff through the blocked Cholesky or
-    Gauss-Jordan made these programs take 2–3× longer to compile, while the
+    Used for the fit's second derivatives (Newton Hessians, the Satterthwaite Hessian
+    and ∂M) on top of exact forward-mode first derivatives: nested autodiff through the
+    blocked Cholesky made the program take 2–3× longer to compile, while the
     differences are accurate to ~1e-10 relative.  Steps: ``h``."""
     k = x.shape[0]
     E = jnp.eye(k, dtype=x.dtype) * h[None, :]
@@ -102,16 +101,10 @@ class _Lanes:
     def __init__(self, dstats, rstats, layout: Layout, reml: bool, mapped: bool):
         self.layout, self.reml = layout, reml
         self.d, self.r, self.dax = dstats, rstats, (0 if mapped else None)
-        n = dstats["n"]
-        p = dstats["XX"].shape[-1]
-        self.nu = (n - p) if reml else n                    # scalar, or (B,) when mapped
-
-    def _st(self, d, r):
-        return {**d, **r}
+        self.n, self.p = dstats["n"], dstats["XX"].shape[-1]   # n: scalar, or (B,) when mapped
 
     def _crit1(self, t, d, r):
-        st = self._st(d, r)
-        return objective(t, st, self.layout, self.reml)
+        return objective(t, {**d, **r}, self.layout, self.reml)
 
     def crit(self, th):
         """The profiled criterion at θ (B, ..., k) -> (B, ...)."""
@@ -123,7 +116,7 @@ class _Lanes:
     def _first1(self, t, d, r):
         """For one response at θ: J = ∂(a, r²)/∂θ (forward mode), and as auxiliary output
         (a, r²), M = XᵀV⁻¹X·σ², β̂ and R_X⁻¹ — a = log|L_Z|² (+ log|R_X|² for REML)."""
-        st = self._st(d, r)
+        st = {**d, **r}
 
         def ar(t_):
             f = factorize(t_, st, self.layout)
@@ -153,11 +146,12 @@ class _Lanes:
 
         (J, (val, M, RXi, z)), (dJ, (_, dM, _, _)) = jax.vmap(one, in_axes=(0, 0, self.dax, 0))(
             th, h, self.d, self.r)
-        nu = jnp.broadcast_to(jnp.asarray(self.nu, th.dtype), val.shape[:1])
+        n = jnp.broadcast_to(jnp.asarray(self.n, th.dtype), val.shape[:1])
+        nu = n - self.p if self.reml else n
         a, r2 = val[:, 0], val[:, 1]
         ga, gr = J[:, 0], J[:, 1]
         Ha, Hr = _sym(dJ[:, 0]), _sym(dJ[:, 1])
-        crit = a + nu * (1.0 + jnp.log(2.0 * np.pi * r2 / nu))
+        crit = criterion(dict(logdet_z=a, logdet_x=0.0, r2=r2), n, self.p, self.reml)   # a holds log|R_X|²
         grad = ga + (nu / r2)[:, None] * gr
         hess = Ha + (nu / r2)[:, None, None] * Hr - (nu / r2**2)[:, None, None] * gr[:, :, None] * gr[:, None, :]
         s2 = r2 / nu
@@ -176,7 +170,7 @@ class _Lanes:
     def empty(self, th):
         """Zeros shaped like :meth:`evaluate`'s output (a loop's initial carry)."""
         B, k = th.shape
-        p = self.d["XX"].shape[-1]
+        p = self.p
         shapes = dict(theta=(B, k), criterion=(B,), grad=(B, k), hess=(B, k, k), beta=(B, p), sigma2=(B,),
                       vcov=(B, p, p), satt_H=(B, k + 1, k + 1), satt_dM=(B, p, p, k + 1), satt_M=(B, p, p))
         return {key_: jnp.zeros(s, th.dtype) for key_, s in shapes.items()}
@@ -384,18 +378,18 @@ def _basis_matrices(layout: Layout) -> np.ndarray:
 
 def _spd_inverse(A, blocks=None):
     """A⁻¹ for one small SPD matrix without LAPACK (vmapped over thousands of responses):
-    unrolled Cholesky up to 6 × 6; block by block when A is block diagonal with
-    ``blocks = (ℓ, b)`` blocks of size b ≤ 6; else Gauss-Jordan."""
+    block by block when A is block diagonal with ``blocks = (ℓ, b)`` blocks of size
+    b ≤ 6, else :func:`~lmmjax._linalg.spd_solve`."""
     q = A.shape[-1]
-    if q <= UNROLL_MAX or (blocks is not None and blocks[1] <= UNROLL_MAX):
-        ell, bsz = (1, q) if q <= UNROLL_MAX else blocks
+    if q > UNROLL_MAX and blocks is not None and blocks[1] <= UNROLL_MAX:
+        ell, bsz = blocks
         idx = np.arange(ell)
         Ab = A.reshape(ell, bsz, ell, bsz)[idx, :, idx, :]                  # (ℓ, b, b)
         Li = tril_inv_small(chol_small(Ab))
         inv = jnp.einsum("jba,jbc->jac", Li, Li)
         out = jnp.zeros((ell, bsz, ell, bsz), A.dtype).at[idx, :, idx, :].set(inv)
         return out.reshape(q, q)
-    return gauss_jordan(A, jnp.eye(q, dtype=A.dtype))[0]
+    return spd_solve(A, jnp.eye(q, dtype=A.dtype))[0]
 
 
 def _kr_linear(theta, sigma, dense, E, layout: Layout):
@@ -492,6 +486,15 @@ class _Chunk:
 
         d = {k: grow(v) for k, v in self.dstats.items()} if self.mapped else self.dstats
         return d, {k: grow(v) for k, v in self.rstats.items()}
+
+
+def _pad_sizes(chunks) -> dict:
+    """Chunks of a kind (shared or per-response design statistics) are padded to the
+    kind's largest, so that they share one compiled program: {mapped: size}."""
+    out = {}
+    for ch in chunks:
+        out[ch.mapped] = max(out.get(ch.mapped, 0), len(ch.idx))
+    return out
 
 
 def _take(stats: dict, rows) -> dict:
@@ -646,9 +649,7 @@ class BatchResult:
             # a few q × q matrices per response: map in batches that keep them near 1 GB
             q_tot = sum(l * s.q for s, l in zip(lay.structures, lay.n_levels))
             per = 8.0 * (16 + 2 * k) * q_tot**2 + 8.0 * k * k * p * p * 4
-            pad_to = {}
-            for ch in self._chunks:   # chunks of a kind share one compiled program
-                pad_to[ch.mapped] = max(pad_to.get(ch.mapped, 0), len(ch.idx))
+            pad_to = _pad_sizes(self._chunks)
             with precision(self.dtype) as dt:
                 for ch in self._chunks:
                     size = pad_to[ch.mapped]
@@ -992,10 +993,7 @@ def lmer_batch(formula: str, data=None, responses=None, reml: bool = True, *, na
         if bar is not None:
             bar.update(m)
 
-    # equal-length chunks of a kind share one compiled program: pad to the kind's largest
-    pad_to = {}
-    for ch in chunks:
-        pad_to[ch.mapped] = max(pad_to.get(ch.mapped, 0), len(ch.idx))
+    pad_to = _pad_sizes(chunks)
     try:
         if client is not None:
             futures = {}

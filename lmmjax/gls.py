@@ -39,7 +39,7 @@ import pandas as pd
 
 from ._cache import no_persistent_cache
 from ._compute import precision
-from ._linalg import UNROLL_MAX, chol_small, gauss_jordan, tril_inv_small
+from ._linalg import gauss_jordan, spd_solve
 from .design import DataError, build_design
 from .inference import (_satt_df_rows, kr_adjusted, kr_test, normalize_ddf, t_columns, unprofiled_deviance,
                         vcov_varpar)
@@ -67,17 +67,6 @@ class _Spec:
         return hash(self._key)
 
 
-def _spd_solve(V, B):
-    """(V⁻¹B, log|V|) for one small SPD block, LAPACK-free: unrolled Cholesky for the
-    usual few visits (m ≤ UNROLL_MAX; several times faster under vmap), Gauss-Jordan
-    with pivoting above."""
-    if V.shape[-1] > UNROLL_MAX:
-        return gauss_jordan(V, B)
-    L = chol_small(V)
-    Li = tril_inv_small(L)
-    return Li.T @ (Li @ B), 2.0 * jnp.sum(jnp.log(jnp.diagonal(L)))
-
-
 def _group_parts(psi, data, spec: _Spec):
     """(S, log|V|): the [X y] cross-product through V⁻¹ and the log-determinant."""
     theta, rp = psi[: spec.n_theta], psi[spec.n_theta:]
@@ -97,7 +86,7 @@ def _group_parts(psi, data, spec: _Spec):
             V = V + Z @ D @ Z.T
         mm = mask[:, None] & mask[None, :]
         V = jnp.where(mm, V, jnp.eye(m, dtype=V.dtype))
-        sol, logdet = _spd_solve(V, XY)
+        sol, logdet = spd_solve(V, XY)
         return XY.T @ sol, logdet
 
     S, ld = jax.vmap(one)(data["rows"], data["XY"], data["mask"], data["Z"])
