@@ -35,5 +35,7 @@ def precision(dtype="float64"):
 
 
 def to_device(stats: dict, dtype) -> dict:
-    """Host arrays -> device arrays in ``dtype`` (a transfer; no compiled conversion kernels)."""
-    return {k: jax.device_put(np.asarray(v, dtype=dtype)) for k, v in stats.items()}
+    """Host arrays -> device arrays in ``dtype`` (a transfer; no compiled conversion kernels).
+    Integer arrays (the index arrays of a sparse design) keep their integer type."""
+    return {k: jax.device_put(v if np.issubdtype(np.asarray(v).dtype, np.integer) else np.asarray(v, dtype=dtype))
+            for k, v in stats.items()}

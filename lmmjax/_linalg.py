@@ -120,3 +120,33 @@ def spd_solve(V, B):
     L = chol_small(V)
     Li = tril_inv_small(L)
     return Li.T @ (Li @ B), 2.0 * jnp.sum(jnp.log(jnp.diagonal(L)))
+
+
+@jax.custom_jvp
+def logdet_quad(S, B):
+    """``(log|S|, BᵀS⁻¹B)`` for a dense SPD ``S`` (n × n) and ``B`` (n × m), by one
+    Cholesky and one triangular solve with m right-hand sides.
+
+    The JVP uses the closed forms d log|S| = ⟨S⁻¹, dS⟩ and
+    d(BᵀS⁻¹B) = dBᵀW + WᵀdB − WᵀdS W (W = S⁻¹B), which are linear in the tangents and
+    cost O(n²m) each once S⁻¹ is formed: a gradient in k directions costs one inverse,
+    not k (or the 7–9× of reverse mode through a Cholesky).  For the later terms' block
+    of a big crossed design (InstEval: n = 1,142)."""
+    L = jnp.linalg.cholesky(S)
+    Y = jsl.solve_triangular(L, B, lower=True)
+    return 2.0 * jnp.sum(jnp.log(jnp.diagonal(L))), Y.T @ Y
+
+
+@logdet_quad.defjvp
+def _logdet_quad_jvp(primals, tangents):
+    S, B = primals
+    dS, dB = tangents
+    L = jnp.linalg.cholesky(S)
+    Li = jsl.solve_triangular(L, jnp.eye(S.shape[0], dtype=S.dtype), lower=True)
+    Si = Li.T @ Li
+    W = Si @ B
+    logdet = 2.0 * jnp.sum(jnp.log(jnp.diagonal(L)))
+    C = B.T @ W
+    dW = dS @ W
+    dC = dB.T @ W + W.T @ dB - W.T @ dW
+    return (logdet, C), (jnp.sum(Si * dS), dC)

@@ -344,8 +344,80 @@ def build_design(formula: str | ParsedFormula, data: pd.DataFrame, require_respo
     )
 
 
-def design_stats(design: Design) -> dict:
-    """Response-free cross-products: Z₁ᵀZ₁ blocks, Z₁ᵀZ_r, Z_rᵀZ_r, ZᵀX, XᵀX."""
+#: ``design_stats`` stores Z₁ᵀZ_r sparsely (co-occurrence pattern, see
+#: :func:`sparse_cross_pattern`) when its dense form would have more entries than this
+#: and at most ``SPARSE_DENSITY`` of them are nonzero
+SPARSE_MIN_ENTRIES = 250_000
+SPARSE_DENSITY = 0.25
+
+
+def sparse_cross_pattern(B: sp.csr_matrix, q1: int) -> dict:
+    r"""Fixed-shape index arrays for the sparse Schur-complement update.
+
+    ``B = Z₁ᵀZ_r`` (ℓ₁q₁ × q_r, rows level-major).  Row block j (level j of the first
+    term) has nonzero columns c with values ``B_j[:, c]`` (length q₁).  The update
+    ``Σ_j B_jᵀ W_j B_j`` (W_j = T₁A₁₁ⱼ⁻¹T₁ᵀ, q₁ × q₁, changes with θ) is a sum over the
+    *triples* (j, c, c′) of columns co-occurring in block j:
+
+        (BᵀWB)[c, c′] = Σ_{triples} ⟨W_j, B_j[:, c] B_j[:, c′]ᵀ⟩
+
+    so the constant outer products are stored once (``tr_v``) and an evaluation is one
+    gather, one multiply and one scatter-add into a q_r × q_r matrix — the cost of the
+    co-occurrence pattern, not of ℓ₁ · q_r².  Only c ≤ c′ is kept (the result is
+    symmetric).  Returns ``sp_j, sp_c, sp_v`` (the nonzero (j, c) pairs, for the
+    right-hand sides) and ``tr_j, tr_seg, tr_v`` (triples, sorted by destination) with
+    ``tr_udst`` (the distinct destinations ``c·q_r + c′``; triple t adds to ``tr_udst[tr_seg[t]]``)."""
+    if B.shape[1] ** 2 >= 2**31:
+        raise ValueError(f"the later random-effects terms have {B.shape[1]} columns; at most 46,340 are supported")
+    l1 = B.shape[0] // q1
+    qr = B.shape[1]
+    # pattern of block rows: (j, c) nonzero if any of the q1 rows of block j has c
+    Bc = B.tocoo()
+    jj = Bc.row // q1
+    key = np.unique(jj.astype(np.int64) * qr + Bc.col)
+    sp_j, sp_c = (key // qr).astype(np.int64), (key % qr).astype(np.int64)
+    Bd = B.tocsc()
+    sp_v = np.zeros((key.size, q1))
+    # values B[j*q1 + a, c]
+    for a in range(q1):
+        sp_v[:, a] = np.asarray(Bd[sp_j * q1 + a, sp_c]).ravel()
+    # triples: pairs (e, e') of entries of the same block row j with e <= e' (so c <= c')
+    start = np.searchsorted(sp_j, np.arange(l1 + 1))
+    local = np.arange(sp_j.size) - start[sp_j]
+    reps = np.diff(start)[sp_j] - local
+    e1 = np.repeat(np.arange(sp_j.size), reps)
+    e2 = e1 + np.arange(e1.size) - np.repeat(np.cumsum(reps) - reps, reps)
+    dst = sp_c[e1] * qr + sp_c[e2]
+    # sorted by destination: the scatter becomes a sorted segment sum over the distinct
+    # destinations (InstEval: 1.8 M triples onto 142 k lecturer pairs), ~4× faster on CPU
+    order = np.argsort(dst, kind="stable")
+    e1, e2, dst = e1[order], e2[order], dst[order]
+    tr_udst, tr_seg = np.unique(dst, return_inverse=True)
+    tr_v = sp_v[e1][:, :, None] * sp_v[e2][:, None, :]
+    return dict(sp_j=sp_j.astype(np.int32), sp_c=sp_c.astype(np.int32), sp_v=sp_v,
+                tr_j=sp_j[e1].astype(np.int32), tr_seg=tr_seg.astype(np.int32),
+                tr_udst=tr_udst.astype(np.int32), tr_v=tr_v)
+
+
+def use_sparse(design: Design) -> bool:
+    """Whether :func:`design_stats` takes the sparse path for this design."""
+    if len(design.blocks) < 2:
+        return False
+    b1 = design.blocks[0]
+    qr = sum(b.n_levels * b.q for b in design.blocks[1:])
+    entries = b1.n_levels * b1.q * qr
+    if entries <= SPARSE_MIN_ENTRIES:
+        return False
+    # nonzeros of Z₁ᵀZ_r are at most the distinct (level₁, level_k) pairs times q's
+    pairs = sum(len(np.unique(b1.index.astype(np.int64) * b.n_levels + b.index)) * b.q for b in design.blocks[1:])
+    return pairs * b1.q <= SPARSE_DENSITY * entries
+
+
+def design_stats(design: Design, sparse: bool | None = None) -> dict:
+    """Response-free cross-products: Z₁ᵀZ₁ blocks, Z₁ᵀZ_r, Z_rᵀZ_r, ZᵀX, XᵀX.
+
+    ``sparse`` (default: :func:`use_sparse`) stores Z₁ᵀZ_r by its co-occurrence
+    pattern (:func:`sparse_cross_pattern`) instead of a dense ℓ₁ × q₁ × q_r array."""
     b1 = design.blocks[0]
     X = design.X
     l1, q1 = b1.n_levels, b1.q
@@ -357,7 +429,11 @@ def design_stats(design: Design) -> dict:
     stats = dict(D1=D1, Z1X=np.asarray(Z1.T @ X).reshape(l1, q1, -1), XX=X.T @ X, n=float(design.n))
     if len(design.blocks) > 1:
         Zr = sp.hstack([_term_Z(b) for b in design.blocks[1:]], format="csr")
-        stats["Z1Zr"] = (Z1.T @ Zr).toarray().reshape(l1, q1, -1)
+        B = (Z1.T @ Zr).tocsr()
+        if use_sparse(design) if sparse is None else sparse:
+            stats.update(sparse_cross_pattern(B, q1))
+        else:
+            stats["Z1Zr"] = B.toarray().reshape(l1, q1, -1)
         stats["ZrZr"] = (Zr.T @ Zr).toarray()
         stats["ZrX"] = np.asarray(Zr.T @ X)
     return stats
