@@ -935,7 +935,7 @@ def lmer_batch(formula: str, data=None, responses=None, reml: bool = True, *, na
     # ---- one pass over the responses: their cross-products (and masks)
     G, n = R.G, R.n
     errors = np.full(G, None, object)
-    ds_shared = design_stats(design)
+    ds_shared = design_stats(design, sparse=False)  # the batch programs use the dense blocked form
     read = max(1, min(G, int(budget / (3 * 8.0 * n))))
     shared_idx, shared_stats, masked_idx, masked_r, masked_d = [], [], [], [], []
     for start in range(0, G, read):

@@ -172,12 +172,15 @@ def _profile_fixed(m, j, level, dev0):
 
     from .optimize import minimize_theta
 
-    st = {k: np.asarray(v, float) for k, v in m.stats.items()}
+    from .design import SPARSE_KEYS
+
+    st = {k: np.asarray(v, float) for k, v in m.stats.items() if k not in SPARSE_KEYS}
     p = st["XX"].shape[0]
     keep = [i for i in range(p) if i != j]
     base = dict(D1=st["D1"], Z1X=st["Z1X"][:, :, keep], XX=st["XX"][np.ix_(keep, keep)], n=st["n"])
     if m.layout.q_rest:
-        base.update(Z1Zr=st["Z1Zr"], ZrZr=st["ZrZr"], ZrX=st["ZrX"][:, keep])
+        base.update({k: m.stats[k] for k in ("Z1Zr",) + SPARSE_KEYS if k in m.stats})
+        base.update(ZrZr=st["ZrZr"], ZrX=st["ZrX"][:, keep])
     crit = chi2_ppf(level, 1)
     se = math.sqrt(m.vcov.iat[j, j])
     b0 = m.fixef.iat[j]

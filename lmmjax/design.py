@@ -366,7 +366,8 @@ def sparse_cross_pattern(B: sp.csr_matrix, q1: int) -> dict:
     co-occurrence pattern, not of ℓ₁ · q_r².  Only c ≤ c′ is kept (the result is
     symmetric).  Returns ``sp_j, sp_c, sp_v`` (the nonzero (j, c) pairs, for the
     right-hand sides) and ``tr_j, tr_seg, tr_v`` (triples, sorted by destination) with
-    ``tr_udst`` (the distinct destinations ``c·q_r + c′``; triple t adds to ``tr_udst[tr_seg[t]]``)."""
+    ``tr_udst`` (the distinct destinations ``c·q_r + c′``; triple t adds to ``tr_udst[tr_seg[t]]``)
+    and ``tr_udst_t`` (their mirror images ``c′·q_r + c``)."""
     if B.shape[1] ** 2 >= 2**31:
         raise ValueError(f"the later random-effects terms have {B.shape[1]} columns; at most 46,340 are supported")
     l1 = B.shape[0] // q1
@@ -396,7 +397,21 @@ def sparse_cross_pattern(B: sp.csr_matrix, q1: int) -> dict:
     tr_v = sp_v[e1][:, :, None] * sp_v[e2][:, None, :]
     return dict(sp_j=sp_j.astype(np.int32), sp_c=sp_c.astype(np.int32), sp_v=sp_v,
                 tr_j=sp_j[e1].astype(np.int32), tr_seg=tr_seg.astype(np.int32),
-                tr_udst=tr_udst.astype(np.int32), tr_v=tr_v)
+                tr_udst=tr_udst.astype(np.int32), tr_udst_t=((tr_udst % qr) * qr + tr_udst // qr).astype(np.int32),
+                tr_v=tr_v)
+
+
+def dense_z1zr(stats: dict) -> np.ndarray:
+    """Z₁ᵀZ_r as a dense (ℓ₁, q₁, q_r) array, from either form of the statistics."""
+    if "Z1Zr" in stats:
+        return np.asarray(stats["Z1Zr"])
+    l1, q1 = np.asarray(stats["D1"]).shape[:2]
+    out = np.zeros((l1, np.asarray(stats["ZrZr"]).shape[0], q1))
+    out[np.asarray(stats["sp_j"]), np.asarray(stats["sp_c"])] = np.asarray(stats["sp_v"])
+    return out.transpose(0, 2, 1)
+
+
+SPARSE_KEYS = ("sp_j", "sp_c", "sp_v", "tr_j", "tr_seg", "tr_udst", "tr_udst_t", "tr_v")
 
 
 def use_sparse(design: Design) -> bool:

@@ -190,7 +190,9 @@ def dense_crossproducts(stats: dict, layout: Layout) -> dict:
     for j in range(l1):
         blocks[j * q1 : (j + 1) * q1, j * q1 : (j + 1) * q1] = D1[j]
     if layout.q_rest:
-        Z1Zr = np.asarray(stats["Z1Zr"]).reshape(l1 * q1, -1)
+        from .design import dense_z1zr
+
+        Z1Zr = dense_z1zr(stats).reshape(l1 * q1, -1)
         ZtZ = np.block([[blocks, Z1Zr], [Z1Zr.T, np.asarray(stats["ZrZr"])]])
         ZtX = np.vstack([Z1X, np.asarray(stats["ZrX"])])
     else:

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 import numpy as np
 
-from ._linalg import chol_inv, chol_small, logdet_quad, tril_inv_small
+from ._linalg import chol_inv, chol_small, logdet_quad, spd_cholesky, tril_inv_small
 
 __all__ = ["Layout", "factorize", "objective", "solve"]
 
@@ -121,9 +121,9 @@ def _triple_map(W, stats, qr):
     vals = jnp.einsum("tab,tab->t", W[stats["tr_j"]], stats["tr_v"])
     udst = stats["tr_udst"]
     agg = jax.ops.segment_sum(vals, stats["tr_seg"], num_segments=udst.shape[0], indices_are_sorted=True)
+    # both triangles written directly (a transposed read of a q_r² matrix is slow on CPU)
     U = jnp.zeros((qr * qr,), W.dtype).at[udst].set(agg, unique_indices=True, indices_are_sorted=True)
-    U = U.reshape(qr, qr)
-    return U + U.T - jnp.diag(jnp.diagonal(U))
+    return U.at[stats["tr_udst_t"]].set(agg, unique_indices=True).reshape(qr, qr)
 
 
 def _pair_map(V, stats, qr):
@@ -132,11 +132,25 @@ def _pair_map(V, stats, qr):
                                stats["sp_c"], num_segments=qr)
 
 
+def _rest_scale(Ts, layout: Layout):
+    """Λ_r's diagonal when every later term is scalar (q = 1), else None."""
+    if all(q == 1 for q in layout.q[1:]):
+        return jnp.concatenate([jnp.broadcast_to(T[0, 0], (l,)) for T, l in zip(Ts[1:], layout.n_levels[1:])])
+    return None
+
+
 def _assemble_rest(Ts, BWB, BV, stats, layout: Layout):
+    """S₂₂ = Λ_rᵀ(Z_rᵀZ_r − BWB)Λ_r + I and B₂ = Λ_rᵀ([Z_rᵀX, Z_rᵀy] − BV).  With scalar
+    later terms Λ_r is diagonal and both are elementwise scalings (no transposes, which
+    XLA-CPU does slowly for a 1,000² matrix)."""
     qr = layout.q_rest
-    S = _right_apply_rest(stats["ZrZr"] - BWB, Ts, layout)
-    S22 = _right_apply_rest(S.T, Ts, layout) + jnp.eye(qr, dtype=BWB.dtype)
+    A = stats["ZrZr"] - BWB
     rhs = jnp.concatenate([stats["ZrX"], stats["Zry"][:, None]], axis=1) - BV
+    lam = _rest_scale(Ts, layout)
+    if lam is not None:
+        return lam[:, None] * A * lam[None, :] + jnp.eye(qr, dtype=A.dtype), lam[:, None] * rhs
+    S = _right_apply_rest(A, Ts, layout)
+    S22 = _right_apply_rest(S.T, Ts, layout) + jnp.eye(qr, dtype=BWB.dtype)
     B2 = _right_apply_rest(rhs.T, Ts, layout).T
     return S22, B2
 
@@ -221,23 +235,23 @@ def sparse_value_grad_hess(theta, stats, layout: Layout, reml: bool):
     W0, V0 = WV(t1)
     dW, dV = jax.jacfwd(WV)(t1)
     d2W, d2V = jax.jacfwd(jax.jacfwd(WV))(t1)
-    tmap = jax.vmap(lambda w: _triple_map(w, stats, qr), in_axes=-1, out_axes=-1)
-    pmap_ = jax.vmap(lambda v: _pair_map(v, stats, qr), in_axes=-1, out_axes=-1)
-    A0, dA, d2A = _triple_map(W0, stats, qr), tmap(dW), jax.vmap(tmap, in_axes=-1, out_axes=-1)(d2W)
-    P0, dP, d2P = _pair_map(V0, stats, qr), pmap_(dV), jax.vmap(pmap_, in_axes=-1, out_axes=-1)(d2V)
+    tmap = jax.vmap(lambda w: _triple_map(w, stats, qr), in_axes=-1)
+    pmap_ = jax.vmap(lambda v: _pair_map(v, stats, qr), in_axes=-1)
+    A0, dA, d2A = _triple_map(W0, stats, qr), tmap(dW), jax.vmap(tmap, in_axes=-1)(d2W)
+    P0, dP, d2P = _pair_map(V0, stats, qr), pmap_(dV), jax.vmap(pmap_, in_axes=-1)(d2V)
 
     def up(th):
         Ts, L11, G, c1x, c1y, Mxx, Mxy, Myy, logdet_z = _first_term(th, stats, layout)
         d = th[:k1] - t1
-        A = A0 + dA @ d + 0.5 * (d2A @ d) @ d
-        P = P0 + dP @ d + 0.5 * (d2P @ d) @ d
+        A = A0 + jnp.tensordot(d, dA + 0.5 * jnp.tensordot(d, d2A, 1), 1)
+        P = P0 + jnp.tensordot(d, dP + 0.5 * jnp.tensordot(d, d2P, 1), 1)
         S22, B2 = _assemble_rest(Ts, A, P, stats, layout)
         return (logdet_z, Mxx, Mxy, Myy), S22, B2
 
     small, S, B = up(theta)
     d_small, dS, dB = jax.vmap(lambda e: jax.jvp(up, (theta,), (e,))[1])(jnp.eye(k, dtype=theta.dtype))
     nS = S.shape[0]
-    L = jnp.linalg.cholesky(S)
+    L = spd_cholesky(S)
     Li = jsl.solve_triangular(L, jnp.eye(nS, dtype=S.dtype), lower=True)
     Si = Li.T @ Li
     W = Si @ B
@@ -356,7 +370,7 @@ def _sparse_solve(f, stats, layout: Layout, beta, w1, L11i):
     qr, l1 = layout.q_rest, layout.n_levels[0]
     S22, B2, G = f["S22"], f["B2"], f["G"]
     p = B2.shape[1] - 1
-    Li = jsl.solve_triangular(jnp.linalg.cholesky(S22), jnp.eye(qr, dtype=S22.dtype), lower=True)
+    Li = jsl.solve_triangular(spd_cholesky(S22), jnp.eye(qr, dtype=S22.dtype), lower=True)
     Si = Li.T @ Li
     u2 = Si @ (B2[:, p] - B2[:, :p] @ beta)
     TsT = [T.T for T in f["Ts"]]

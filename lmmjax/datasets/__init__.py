@@ -3,8 +3,8 @@
 Each loader returns a pandas DataFrame whose factor columns are pandas
 Categoricals with R's level order (so treatment contrasts and the order of
 random effects match lme4).  Sources: lme4 (sleepstudy, Dyestuff, Dyestuff2,
-Penicillin, Pastes) and nlme (Orthodont, Ovary), as exported by
-``tests/fixtures/reference/make_reference.R``.
+Penicillin, Pastes, InstEval) and nlme (Orthodont, Ovary), as exported by
+``tests/fixtures/reference/make_reference.R`` (InstEval by ``write.csv(lme4::InstEval)``, gzipped).
 """
 from __future__ import annotations
 
@@ -15,11 +15,12 @@ from importlib import resources
 import pandas as pd
 
 __all__ = ["load", "names", "sleepstudy", "dyestuff", "dyestuff2", "penicillin", "pastes",
-           "orthodont", "ovary"]
+           "orthodont", "ovary", "insteval"]
 
 _FILES = {
     "sleepstudy": "sleepstudy", "dyestuff": "Dyestuff", "dyestuff2": "Dyestuff2",
     "penicillin": "Penicillin", "pastes": "Pastes", "orthodont": "Orthodont", "ovary": "Ovary",
+    "insteval": "InstEval",
 }
 
 
@@ -38,8 +39,13 @@ def load(name: str) -> pd.DataFrame:
     if key not in _FILES:
         raise KeyError(f"unknown data set {name!r}; available: {names()}")
     stem = _FILES[key]
-    with resources.files(__name__).joinpath(f"data/{stem}.csv").open() as fh:
-        df = pd.read_csv(fh)
+    base = resources.files(__name__).joinpath("data")
+    if base.joinpath(f"{stem}.csv.gz").is_file():
+        with base.joinpath(f"{stem}.csv.gz").open("rb") as fh:
+            df = pd.read_csv(fh, compression="gzip")
+    else:
+        with base.joinpath(f"{stem}.csv").open() as fh:
+            df = pd.read_csv(fh)
     for col, levs in _levels().get(stem, {}).items():
         df[col] = pd.Categorical(df[col].astype(str), categories=levs)
     df._lmmjax_name = stem  # shown as "Data:" in summaries
@@ -79,3 +85,11 @@ def orthodont() -> pd.DataFrame:
 def ovary() -> pd.DataFrame:
     """Ovarian follicles of 11 mares over time (nlme)."""
     return load("ovary")
+
+
+def insteval() -> pd.DataFrame:
+    """University lecture evaluations (lme4's InstEval): 73,421 ratings ``y`` (1–5) of
+    1,128 lecturers ``d`` by 2,972 students ``s``, in 14 departments ``dept``; ``service``
+    (lecture outside the lecturer's department), ``studage``, ``lectage``.  The classic
+    big crossed design: ``y ~ service + (1 | s) + (1 | d) + (1 | dept)``."""
+    return load("insteval")
