@@ -290,10 +290,41 @@ def sparse_value_grad_hess(theta, stats, layout: Layout, reml: bool):
     S_bar = g_ld * Si - W @ g_C @ W.T
     B_bar = W @ (g_C + g_C.T)
 
-    def lin(th):
-        sm, S_, B_ = up(th)
-        return (jax.flatten_util.ravel_pytree(sm)[0] @ jax.flatten_util.ravel_pytree(g_small)[0]
-                + jnp.sum(S_bar * S_) + jnp.sum(B_bar * B_))
+    g_small_flat = jax.flatten_util.ravel_pytree(g_small)[0]
+    if _rest_scale(layout.factors(theta), layout) is None:
+        def lin(th):
+            sm, S_, B_ = up(th)
+            return (jax.flatten_util.ravel_pytree(sm)[0] @ g_small_flat
+                    + jnp.sum(S_bar * S_) + jnp.sum(B_bar * B_))
+    else:
+        # scalar later terms: S = λλᵀ∘A(θ₁) + I and B = λ∘R(θ₁) with λ constant on each
+        # term's block, so ⟨S̄, S⟩ + ⟨B̄, B⟩ only needs the block sums of S̄∘A and B̄∘R and of
+        # their θ₁-derivatives: a polynomial in a few numbers (no n² autodiff pass)
+        bounds = np.cumsum([0] + [l * q for l, q in zip(layout.n_levels[1:], layout.q[1:])])
+        blocks = list(zip(bounds[:-1], bounds[1:]))
+
+        def bsum2(M):
+            return jnp.stack([jnp.stack([jnp.sum(M[a:b, c:e]) for c, e in blocks]) for a, b in blocks])
+
+        def bsum1(M):
+            return jnp.stack([jnp.sum(M[a:b]) for a, b in blocks])
+
+        rhs0 = jnp.concatenate([stats["ZrX"], stats["Zry"][:, None]], axis=1)
+        sa = (bsum2(S_bar * (stats["ZrZr"] - A0)),
+              jnp.stack([-bsum2(S_bar * dA[i]) for i in range(k1)]) if k1 else None,
+              jnp.stack([jnp.stack([-bsum2(S_bar * d2A[i, j]) for j in range(k1)]) for i in range(k1)]) if k1 else None)
+        sb = (bsum1(B_bar * (rhs0 - P0)),
+              jnp.stack([-bsum1(B_bar * dP[i]) for i in range(k1)]) if k1 else None,
+              jnp.stack([jnp.stack([-bsum1(B_bar * d2P[i, j]) for j in range(k1)]) for i in range(k1)]) if k1 else None)
+
+        def lin(th):
+            Ts, _, _, _, _, Mxx, Mxy, Myy, logdet_z = _first_term(th, stats, layout)
+            lam = jnp.stack([T[0, 0] for T in Ts[1:]])
+            d = th[:k1] - t1
+            a = sa[0] + jnp.tensordot(d, sa[1] + 0.5 * jnp.tensordot(d, sa[2], 1), 1)
+            b = sb[0] + jnp.tensordot(d, sb[1] + 0.5 * jnp.tensordot(d, sb[2], 1), 1)
+            sm = jax.flatten_util.ravel_pytree((logdet_z, Mxx, Mxy, Myy))[0]
+            return sm @ g_small_flat + lam @ a @ lam + lam @ b
 
     H = H + jax.hessian(lin)(theta)
     return f, grad, 0.5 * (H + H.T)

@@ -209,7 +209,14 @@ def minimize_sparse(stats, layout: Layout, reml: bool, theta0=None, maxiter: int
             dec = -float(g @ step)
             if pd and dec < 1e-13 * max(1.0, abs(f)):
                 break
-            alpha, accepted = 1.0, False
+            # the full step is tried with the gradient and Hessian (usually accepted: the
+            # evaluation is reused); shorter steps with the criterion alone
+            t = layout.canonical(theta + step)   # same criterion; the final θ needs no re-evaluation
+            ft, gt, Ht = vgh(t, free)
+            if np.isfinite(ft) and ft <= f - 1e-4 * dec:
+                theta, f, g, H = t, ft, gt, Ht
+                continue
+            alpha, accepted = 0.5, False
             for _ in range(30):
                 t = theta + alpha * step
                 ft = crit(t)
@@ -219,7 +226,7 @@ def minimize_sparse(stats, layout: Layout, reml: bool, theta0=None, maxiter: int
                 alpha *= 0.5
             if not accepted:
                 break
-            theta = layout.canonical(t)   # same criterion; the final θ needs no re-evaluation
+            theta = layout.canonical(t)
             f, g, H = vgh(theta, free)
         theta_final = layout.canonical(theta)
         if not np.array_equal(theta_final, theta):
