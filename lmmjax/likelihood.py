@@ -174,17 +174,9 @@ def _first_term(theta, stats, layout: Layout):
     return Ts, L11, G, c1x, c1y, Mxx, Mxy, Myy, logdet_z
 
 
-def sparse_parts(theta, stats, layout: Layout):
-    """θ ↦ (small, S₂₂, B₂) for a sparse design: ``small = (log|L₁₁|², Mxx₀, Mxy₀, Myy₀)``
-    after the first term, and the later terms' Schur complement and right-hand sides.
-    The criterion is :func:`sparse_criterion` of these, log|S₂₂| and B₂ᵀS₂₂⁻¹B₂."""
-    Ts, L11, G, c1x, c1y, Mxx, Mxy, Myy, logdet_z = _first_term(theta, stats, layout)
-    S22, B2 = _sparse_rest(G, c1x, c1y, stats, Ts, layout)
-    return (logdet_z, Mxx, Mxy, Myy), S22, B2
-
-
 def sparse_criterion(small, logdet_2, C, n, reml: bool):
-    """The criterion from :func:`sparse_parts`' small pieces, log|S₂₂| and C = B₂ᵀS₂₂⁻¹B₂."""
+    """The criterion from the small pieces left after the first term (``small = (log|L₁₁|²,
+    Mxx₀, Mxy₀, Myy₀)``), log|S₂₂| and C = B₂ᵀS₂₂⁻¹B₂ (:func:`_sparse_rest`)."""
     logdet_z, Mxx, Mxy, Myy = small
     p = Mxx.shape[0]
     Mxx, Mxy, Myy = Mxx - C[:p, :p], Mxy - C[:p, p], Myy - C[p, p]
@@ -205,7 +197,7 @@ def sparse_value_grad_hess(theta, stats, layout: Layout, reml: bool):
     differentiating through a dense Cholesky (reverse mode costs 7–9× the factor,
     and a second order 30×).
 
-    With u(θ) = (small, S, B) from :func:`sparse_parts` and the criterion
+    With u(θ) = (small, S, B) (the first term's leftovers, S₂₂ and B₂: :func:`_sparse_rest`) and the criterion
     f = g(small, log|S|, C), C = BᵀS⁻¹B (g cheap: :func:`sparse_criterion`):
 
         ∂ᵢf  = ∇g · ∂ᵢs,   ∂ᵢ log|S| = ⟨S⁻¹, ∂ᵢS⟩,   ∂ᵢC = ∂ᵢBᵀW + Wᵀ∂ᵢB − Wᵀ∂ᵢS W   (W = S⁻¹B)
