@@ -395,10 +395,37 @@ def sparse_cross_pattern(B: sp.csr_matrix, q1: int) -> dict:
     e1, e2, dst = e1[order], e2[order], dst[order]
     tr_udst, tr_seg = np.unique(dst, return_inverse=True)
     tr_v = sp_v[e1][:, :, None] * sp_v[e2][:, None, :]
-    return dict(sp_j=sp_j.astype(np.int32), sp_c=sp_c.astype(np.int32), sp_v=sp_v,
-                tr_j=sp_j[e1].astype(np.int32), tr_seg=tr_seg.astype(np.int32),
-                tr_udst=tr_udst.astype(np.int32), tr_udst_t=((tr_udst % qr) * qr + tr_udst // qr).astype(np.int32),
-                tr_v=tr_v)
+    # Pad every array to a size bucket so that data sets of similar size share compiled
+    # programs: padded pairs and triples have value 0 (they add nothing), padded triples
+    # go to an extra segment, padded destinations lie past the q_r² matrix (sliced off)
+    n_p, n_t, n_u = sp_j.size, e1.size, tr_udst.size
+    P, T, U = size_bucket(n_p), size_bucket(n_t), size_bucket(n_u + 1)
+    dummy = qr * qr + np.arange(U - n_u)
+    tr_udst = np.concatenate([tr_udst, dummy])
+    tr_udst_t = np.concatenate([(tr_udst[:n_u] % qr) * qr + tr_udst[:n_u] // qr, dummy])
+    return dict(
+        sp_j=_pad(sp_j, P, 0).astype(np.int32), sp_c=_pad(sp_c, P, 0).astype(np.int32), sp_v=_pad(sp_v, P, 0.0),
+        tr_j=_pad(sp_j[e1], T, 0).astype(np.int32), tr_seg=_pad(tr_seg, T, n_u).astype(np.int32),
+        tr_udst=tr_udst.astype(np.int64 if tr_udst[-1] >= 2**31 else np.int32),
+        tr_udst_t=tr_udst_t.astype(np.int64 if tr_udst[-1] >= 2**31 else np.int32), tr_v=_pad(tr_v, T, 0.0))
+
+
+def size_bucket(n: int) -> int:
+    """Smallest m · 2ᵉ ≥ n with m ∈ {4, 5, 6, 7} (at most 25 % padding)."""
+    if n <= 4:
+        return max(int(n), 1)
+    e = int(np.floor(np.log2(n))) - 2
+    for m in (4, 5, 6, 7, 8):
+        if m * 2**e >= n:
+            return m * 2**e
+    return 8 * 2**e
+
+
+def _pad(a: np.ndarray, size: int, value) -> np.ndarray:
+    """``a`` padded along its first axis to ``size`` rows of ``value``."""
+    if a.shape[0] == size:
+        return a
+    return np.concatenate([a, np.full((size - a.shape[0],) + a.shape[1:], value, dtype=a.dtype)])
 
 
 def dense_z1zr(stats: dict) -> np.ndarray:
@@ -407,7 +434,7 @@ def dense_z1zr(stats: dict) -> np.ndarray:
         return np.asarray(stats["Z1Zr"])
     l1, q1 = np.asarray(stats["D1"]).shape[:2]
     out = np.zeros((l1, np.asarray(stats["ZrZr"]).shape[0], q1))
-    out[np.asarray(stats["sp_j"]), np.asarray(stats["sp_c"])] = np.asarray(stats["sp_v"])
+    np.add.at(out, (np.asarray(stats["sp_j"]), np.asarray(stats["sp_c"])), np.asarray(stats["sp_v"]))  # pads add 0
     return out.transpose(0, 2, 1)
 
 

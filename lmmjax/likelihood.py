@@ -121,9 +121,10 @@ def _triple_map(W, stats, qr):
     vals = jnp.einsum("tab,tab->t", W[stats["tr_j"]], stats["tr_v"])
     udst = stats["tr_udst"]
     agg = jax.ops.segment_sum(vals, stats["tr_seg"], num_segments=udst.shape[0], indices_are_sorted=True)
-    # both triangles written directly (a transposed read of a q_r² matrix is slow on CPU)
-    U = jnp.zeros((qr * qr,), W.dtype).at[udst].set(agg, unique_indices=True, indices_are_sorted=True)
-    return U.at[stats["tr_udst_t"]].set(agg, unique_indices=True).reshape(qr, qr)
+    # both triangles written directly (a transposed read of a q_r² matrix is slow on CPU);
+    # padded destinations lie past q_r² and are sliced off
+    U = jnp.zeros((qr * qr + udst.shape[0],), W.dtype).at[udst].set(agg, unique_indices=True, indices_are_sorted=True)
+    return U.at[stats["tr_udst_t"]].set(agg, unique_indices=True)[: qr * qr].reshape(qr, qr)
 
 
 def _pair_map(V, stats, qr):
@@ -404,7 +405,8 @@ def _sparse_solve(f, stats, layout: Layout, beta, w1, L11i):
     dst = stats["tr_udst"][stats["tr_seg"]]
     off = (dst // qr != dst % qr).astype(S22.dtype)
     tv = stats["tr_v"]
-    E = jax.ops.segment_sum(P.reshape(-1)[dst][:, None, None] * (tv + off[:, None, None] * jnp.swapaxes(tv, 1, 2)),
+    Pd = P.reshape(-1).at[dst].get(mode="fill", fill_value=0.0)   # 0 at padded triples
+    E = jax.ops.segment_sum(Pd[:, None, None] * (tv + off[:, None, None] * jnp.swapaxes(tv, 1, 2)),
                             stats["tr_j"], num_segments=l1)
     inner = jnp.eye(layout.q[0], dtype=S22.dtype) + jnp.einsum("jab,jbc,jdc->jad", G, E, G)
     Ainv1 = jnp.einsum("jba,jbc,jcd->jad", L11i, inner, L11i)

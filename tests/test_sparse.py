@@ -158,3 +158,46 @@ def test_instEval_shape_stand_in_few_evaluations(force_sparse):
     np.testing.assert_allclose(m.theta, m_dense.theta, rtol=1e-4, atol=1e-6)
     tab_s, tab_d = m.coef_table(), m_dense.coef_table()
     np.testing.assert_allclose(tab_s.to_numpy(float), tab_d.to_numpy(float), rtol=1e-4)
+
+
+def test_same_size_data_sets_share_compiled_programs(force_sparse):
+    """The pattern arrays are padded to size buckets (zero-valued pairs and triples, dummy
+    destinations past the matrix), so a second data set with the same level counts and a
+    similar pattern size fits without compiling anything; the padding changes nothing."""
+    from lmmjax.design import size_bucket
+
+    assert [size_bucket(n) for n in (1, 4, 5, 9, 100, 1826133)] == [1, 4, 5, 10, 112, 1835008]
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, duration, **kw: compiles.append(event) if "backend_compile" in event else None)
+
+    def data(seed):
+        # 120 × 30 crossed, 10 distinct b per a; the seed relabels b, shuffles the rows and
+        # draws new responses: another data set whose pattern has the same size
+        rng = np.random.default_rng(seed)
+        a = np.repeat(np.arange(120), 10)
+        b = rng.permutation(30)[(a * 7 + np.tile(np.arange(10), 120) * 3) % 30]
+        df = pd.DataFrame(dict(a=a.astype(str), b=b.astype(str), x=rng.normal(size=a.size)))
+        df["y"] = df.x + rng.normal(size=120)[a] + rng.normal(size=30)[b] + rng.normal(size=a.size)
+        if seed == 2:       # one student–lecturer pair fewer: fewer pairs and triples, same buckets
+            df = df.iloc[1:]
+        return df.sample(frac=1.0, random_state=seed)
+
+    f = "y ~ x + (1 | a) + (1 | b)"
+    m1 = lmmjax.lmer(f, data(1))
+    n_first = len(compiles)
+    m2 = lmmjax.lmer(f, data(2))
+    assert "tr_j" in m2.stats and m1.stats["tr_j"].shape == m2.stats["tr_j"].shape
+    qr = 30
+    n_triples = [int(np.sum(m.stats["tr_udst"][m.stats["tr_seg"]] < qr * qr)) for m in (m1, m2)]
+    assert n_triples[0] > n_triples[1], "the second pattern is smaller: padding is what makes the shapes equal"
+    assert m2.stats["tr_udst"].max() >= qr * qr   # dummy destinations past the matrix
+    assert len(compiles) == n_first, compiles[n_first:]
+    # padding changes nothing: the same fit on the dense path
+    design_mod.SPARSE_MIN_ENTRIES = 10**12
+    try:
+        m_dense = lmmjax.lmer(f, data(2))
+    finally:
+        design_mod.SPARSE_MIN_ENTRIES = 0
+    np.testing.assert_allclose(m2.reml_criterion, m_dense.reml_criterion, rtol=1e-10)
+    np.testing.assert_allclose(m2.ranef()["a"].to_numpy(), m_dense.ranef()["a"].to_numpy(), rtol=1e-5, atol=1e-8)
