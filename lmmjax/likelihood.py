@@ -110,10 +110,15 @@ def _sparse_rest(G, c1x, c1y, stats, Ts, layout: Layout):
     (Bⱼ = rows of level j of Z₁ᵀZ_r), so that ``c₂ᵀc₂ = B₂ᵀS₂₂⁻¹B₂`` as in the dense
     blocked form.  The update costs one multiply per co-occurring column pair, not
     ℓ₁ · q_r² (a student meets ~25 of InstEval's 1,128 lecturers)."""
-    W = jnp.einsum("jab,jac->jbc", G, G)
-    V = jnp.einsum("jab,jam->jbm", G, jnp.concatenate([c1x, c1y[..., None]], axis=-1))
+    W, V = _weights(G, c1x, c1y)
     return _assemble_rest(Ts, _triple_map(W, stats, layout.q_rest), _pair_map(V, stats, layout.q_rest),
                           stats, layout)
+
+
+def _weights(G, c1x, c1y):
+    """Wⱼ = GⱼᵀGⱼ and Vⱼ = Gⱼᵀ[c₁ₓ, c₁ᵧ]ⱼ: what the sparse maps are linear in."""
+    return (jnp.einsum("jab,jac->jbc", G, G),
+            jnp.einsum("jab,jam->jbm", G, jnp.concatenate([c1x, c1y[..., None]], axis=-1)))
 
 
 def _triple_map(W, stats, qr):
@@ -219,8 +224,7 @@ def sparse_value_grad_hess(theta, stats, layout: Layout, reml: bool):
     def WV(a):
         th = jnp.concatenate([a, theta[k1:]])
         _, _, G, c1x, c1y, *_ = _first_term(th, stats, layout)
-        return (jnp.einsum("jab,jac->jbc", G, G),
-                jnp.einsum("jab,jam->jbm", G, jnp.concatenate([c1x, c1y[..., None]], axis=-1)))
+        return _weights(G, c1x, c1y)
 
     # The sparse maps are linear in (W, V), which depend on the first term's θ only: apply
     # them once to W, V and their first and second derivatives, and let autodiff see the
