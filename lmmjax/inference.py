@@ -100,11 +100,15 @@ def satterthwaite_derivatives(vp, stats, layout: Layout, reml: bool):
     shape (p, p, k+1), with ∂C/∂θ_i = −σ²M⁻¹(∂M/∂θ_i)M⁻¹ and ∂C/∂σ = 2σM⁻¹.  One
     compiled forward-over-reverse pass gives H and ∂M together."""
     H, dM, M = (np.asarray(a, float) for a in _satterthwaite_program(vp, stats, layout, reml))
-    sigma = float(vp[-1])
+    return H, satterthwaite_jacobian(dM, M, float(vp[-1]))
+
+
+def satterthwaite_jacobian(dM, M, sigma: float) -> np.ndarray:
+    """∂C/∂(θ, σ) for C = σ²M⁻¹ from ∂M/∂(θ, σ) (its σ slice is not used: M is free of σ)."""
     Minv = np.linalg.inv(M)
     J = -sigma**2 * np.einsum("ab,bci,cd->adi", Minv, dM, Minv)
     J[..., -1] = 2 * sigma * Minv
-    return H, J
+    return J
 
 
 def vcov_varpar(H: np.ndarray) -> np.ndarray:
@@ -400,6 +404,13 @@ class InferenceMixin:
         if not hasattr(self, "_icache"):
             self._icache = {}
         return self._icache
+
+    def set_satterthwaite(self, H, dM, M):
+        """Store the Satterthwaite derivatives an engine computed with the fit: H = ∇²d over
+        (θ, σ), ∂M/∂(θ, σ) and M = XᵀV⁻¹Xσ² at the optimum (so no program runs later)."""
+        J = satterthwaite_jacobian(np.asarray(dM, float), np.asarray(M, float), self.sigma)
+        H = np.asarray(H, float)
+        self._inference_cache()["satt"] = (self.vcov.to_numpy(), J, vcov_varpar(H), H)
 
     def _satterthwaite(self):
         c = self._inference_cache()

@@ -165,8 +165,12 @@ def _first_term(theta, stats, layout: Layout):
     """Eliminate the first (largest) term: its batched tiny Cholesky, the forward
     solves of X and y, and what is left of XᵀX, Xᵀy, yᵀy."""
     Ts = layout.factors(theta)
-    T1 = Ts[0]
-    q1 = layout.q[0]
+    return (Ts,) + eliminate_first(Ts[0], stats)
+
+
+def eliminate_first(T1, stats):
+    """:func:`_first_term` for a given template T₁ (q₁ × q₁)."""
+    q1 = T1.shape[0]
     eye1 = jnp.eye(q1, dtype=T1.dtype)
     A11 = jnp.einsum("ab,jac,cd->jbd", T1, stats["D1"], T1) + eye1
     L11 = chol_small(A11)
@@ -177,7 +181,7 @@ def _first_term(theta, stats, layout: Layout):
     Mxy = stats["Xy"] - jnp.einsum("jap,ja->p", c1x, c1y)
     Myy = stats["yy"] - jnp.sum(c1y * c1y)
     logdet_z = 2.0 * jnp.sum(jnp.log(jnp.diagonal(L11, axis1=-2, axis2=-1)))
-    return Ts, L11, G, c1x, c1y, Mxx, Mxy, Myy, logdet_z
+    return L11, G, c1x, c1y, Mxx, Mxy, Myy, logdet_z
 
 
 def sparse_criterion(small, logdet_2, C, n, reml: bool):
@@ -343,22 +347,39 @@ def factorize(theta, stats, layout: Layout):
         Myy = Myy - C[p, p]
         logdet_z = logdet_z + logdet_2
         out.update(G=G, S22=S22, B2=B2)
-    elif layout.q_rest:
-        K = jnp.einsum("jac,jcr->jar", G, _right_apply_rest(stats["Z1Zr"], Ts, layout))
-        K2 = K.reshape(-1, layout.q_rest)  # (ℓ₁q₁, q_r): the products below are plain GEMMs
-        ZrZr = _right_apply_rest(stats["ZrZr"], Ts, layout)
-        ZrZr = _right_apply_rest(ZrZr.T, Ts, layout)
-        S22 = ZrZr + jnp.eye(layout.q_rest, dtype=K2.dtype) - K2.T @ K2
-        L22, L22i = chol_inv(S22)
-        ZrX = _right_apply_rest(stats["ZrX"].T, Ts, layout).T
-        Zry = _right_apply_rest(stats["Zry"], Ts, layout)
-        c2x = L22i @ (ZrX - K2.T @ c1x.reshape(K2.shape[0], -1))
-        c2y = L22i @ (Zry - K2.T @ c1y.reshape(-1))
-        Mxx = Mxx - c2x.T @ c2x
-        Mxy = Mxy - c2x.T @ c2y
-        Myy = Myy - c2y @ c2y
-        logdet_z = logdet_z + 2.0 * jnp.sum(jnp.log(jnp.diagonal(L22)))
-        out.update(K=K, L22=L22, L22i=L22i, c2x=c2x, c2y=c2y)
+        return finish_fixed(out, Mxx, Mxy, Myy, logdet_z)
+    if layout.q_rest:
+        return dense_rest(out, G, Mxx, Mxy, Myy, logdet_z, stats, lambda M: _right_apply_rest(M, Ts, layout))
+    return finish_fixed(out, Mxx, Mxy, Myy, logdet_z)
+
+
+def dense_rest(out, G, Mxx, Mxy, Myy, logdet_z, stats, right_lam):
+    """The later terms as one dense block (``right_lam(M) = M Λ_r``), then the fixed effects:
+
+        Kⱼ = Gⱼ(Z₁ᵀZ_r)ⱼΛ_r,  S₂₂ = Λ_rᵀZ_rᵀZ_rΛ_r + I − Σⱼ KⱼᵀKⱼ = L₂₂L₂₂ᵀ,
+        c₂ = L₂₂⁻¹(Λ_rᵀ[Z_rᵀX, Z_rᵀy] − Σⱼ Kⱼᵀ[c₁ₓ, c₁ᵧ]ⱼ)."""
+    c1x, c1y = out["c1x"], out["c1y"]
+    K = jnp.einsum("jac,jcr->jar", G, right_lam(stats["Z1Zr"]))
+    qr = K.shape[-1]
+    K2 = K.reshape(-1, qr)  # (ℓ₁q₁, q_r): the products below are plain GEMMs
+    ZrZr = right_lam(right_lam(stats["ZrZr"]).T)
+    S22 = ZrZr + jnp.eye(qr, dtype=K2.dtype) - K2.T @ K2
+    L22, L22i = chol_inv(S22)
+    ZrX = right_lam(stats["ZrX"].T).T
+    Zry = right_lam(stats["Zry"])
+    c2x = L22i @ (ZrX - K2.T @ c1x.reshape(K2.shape[0], -1))
+    c2y = L22i @ (Zry - K2.T @ c1y.reshape(-1))
+    Mxx = Mxx - c2x.T @ c2x
+    Mxy = Mxy - c2x.T @ c2y
+    Myy = Myy - c2y @ c2y
+    logdet_z = logdet_z + 2.0 * jnp.sum(jnp.log(jnp.diagonal(L22)))
+    out.update(K=K, L22=L22, L22i=L22i, c2x=c2x, c2y=c2y)
+    return finish_fixed(out, Mxx, Mxy, Myy, logdet_z)
+
+
+def finish_fixed(out, Mxx, Mxy, Myy, logdet_z):
+    """Eliminate the fixed effects from the Schur complement [[Mxx, Mxy], [Mxyᵀ, Myy]]:
+    R_X = chol(Mxx), z = R_X⁻¹Mxy, r² = Myy − zᵀz."""
     if Mxx.shape[0]:
         # p is small: unrolled Cholesky/inverse (LAPACK calls become serial loops under vmap)
         if Mxx.shape[0] <= UNROLL_P:
@@ -422,11 +443,18 @@ def solve(theta, stats, layout: Layout, reml: bool):
     """Everything a fitted model reports at θ: β̂, σ², Var(β̂), u, the
     conditional covariance blocks of the spherical effects, the criterion."""
     f = factorize(theta, stats, layout)
+    sparse = bool(layout.q_rest) and "tr_j" in stats
+    return solve_from(f, stats, stats["XX"].shape[-1], reml,
+                      (lambda f_, beta, w1, L11i: _sparse_solve(f_, stats, layout, beta, w1, L11i)) if sparse else None)
+
+
+def solve_from(f, stats, p, reml: bool, sparse_solve=None):
+    """:func:`solve` from a factorization (``p`` the number of fixed effects; a traced
+    value is fine).  ``sparse_solve``: the sparse path's later-term solve, if any."""
     n = stats["n"]
-    p = stats["XX"].shape[-1]
     crit = criterion(f, n, p, reml)
     sigma2 = f["r2"] / (n - p if reml else n)
-    if p:
+    if f["RXi"].shape[-1]:
         RXi = f["RXi"]
         beta = RXi.T @ f["z"]
         vcov = sigma2 * (RXi.T @ RXi)
@@ -436,9 +464,10 @@ def solve(theta, stats, layout: Layout, reml: bool):
         vcov = jnp.zeros((0, 0))
         w1 = f["c1y"]
     L11i = tril_inv_small(f["L11"])
-    if layout.q_rest and "tr_j" in stats:
-        u2, w1, Ainv1, Ainv_rest = _sparse_solve(f, stats, layout, beta, w1, L11i)
-    elif layout.q_rest:
+    q1 = f["L11"].shape[-1]
+    if sparse_solve is not None:
+        u2, w1, Ainv1, Ainv_rest = sparse_solve(f, beta, w1, L11i)
+    elif "L22" in f:
         L22 = f["L22"]
         w2 = f["c2y"] - f["c2x"] @ beta
         u2 = jsl.solve_triangular(L22.T, w2, lower=False)
@@ -446,7 +475,7 @@ def solve(theta, stats, layout: Layout, reml: bool):
         # diagonal blocks of A⁻¹ = L⁻ᵀL⁻¹ (A = ΛᵀZᵀZΛ + I)
         L22i = f["L22i"]
         M = jnp.einsum("rs,jas->jra", L22i, f["K"])  # L22⁻¹ L21 block j: (qr, q1)
-        inner = jnp.eye(layout.q[0], dtype=L22.dtype) + jnp.einsum("jra,jrb->jab", M, M)
+        inner = jnp.eye(q1, dtype=L22.dtype) + jnp.einsum("jra,jrb->jab", M, M)
         Ainv1 = jnp.einsum("jba,jbc,jcd->jad", L11i, inner, L11i)
         Ainv_rest = L22i.T @ L22i
     else:
@@ -457,5 +486,5 @@ def solve(theta, stats, layout: Layout, reml: bool):
     return dict(
         criterion=crit, beta=beta, sigma2=sigma2, vcov=vcov, u1=u1, u2=u2,
         Ainv1=Ainv1, Ainv_rest=Ainv_rest, r2=f["r2"], logdet_z=f["logdet_z"],
-        logdet_x=f["logdet_x"], Ts=f["Ts"],
+        logdet_x=f["logdet_x"], Ts=f.get("Ts"),
     )

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 import pandas as pd
 
+from . import bucketed
 from ._compute import precision, to_device
 from .design import build_design, design_stats, response_stats
 from .likelihood import solve
@@ -61,15 +62,22 @@ def lmer(formula: str, data: pd.DataFrame, reml: bool = True, *, dtype: str = "f
         return fit_grouped(formula, data, residual, reml=reml, dtype=dtype, engine="lmer", structures=structures)
     design = build_design(formula, data, structures=structures)
     stats = {**design_stats(design), **response_stats(design, design.y)}
+    satt = None
     with precision(dtype) as dt:
-        dev_stats = to_device(stats, dt)
-        if theta is None:
-            opt = minimize_theta(dev_stats, design.layout, reml, theta0=start, maxiter=maxiter)
+        if theta is None and bucketed.eligible(stats, design.layout):
+            opt, sol, satt = bucketed.fit(stats, design.layout, reml, dt, theta0=_start(start, design.layout),
+                                       maxiter=min(maxiter, 200))
         else:
-            opt = evaluate_theta(dev_stats, design.layout, reml, theta)
-        sol = solve(jax.device_put(np.asarray(opt.theta, dt)), dev_stats, design.layout, reml)
-        sol = jax.tree.map(np.asarray, sol)
+            dev_stats = to_device(stats, dt)
+            if theta is None:
+                opt = minimize_theta(dev_stats, design.layout, reml, theta0=start, maxiter=maxiter)
+            else:
+                opt = evaluate_theta(dev_stats, design.layout, reml, theta)
+            sol = solve(jax.device_put(np.asarray(opt.theta, dt)), dev_stats, design.layout, reml)
+            sol = jax.tree.map(np.asarray, sol)
     m = LmerResult(design, stats, opt, sol, reml, data_name=getattr(data, "_lmmjax_name", None))
+    if satt is not None and dt == np.float64:
+        m.set_satterthwaite(*satt)
     m.data = data  # a reference (not a copy), for refits such as compare()'s ML refits
     if warn:
         if not m.converged:
@@ -78,3 +86,13 @@ def lmer(formula: str, data: pd.DataFrame, reml: bool = True, *, dtype: str = "f
             warnings.warn("boundary (singular) fit: see lmmjax docs on is_singular",
                           SingularFitWarning, stacklevel=2)
     return m
+
+
+def _start(start, layout):
+    """A user's starting θ, checked (None: the engine's start grid)."""
+    if start is None:
+        return None
+    theta = np.asarray(start, float)
+    if theta.shape != (layout.n_theta,):
+        raise ValueError(f"start must have {layout.n_theta} entries (lme4's θ order), got shape {theta.shape}")
+    return theta

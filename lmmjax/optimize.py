@@ -166,27 +166,40 @@ def _newton_step(g, H):
     return -U @ ((U.T @ g) / w), pd
 
 
-def minimize_sparse(stats, layout: Layout, reml: bool, theta0=None, maxiter: int = 100) -> OptimizeResult:
-    """Damped Newton with the exact gradient and Hessian (:func:`sparse_value_grad_hess`)
-    for designs on the sparse path (big crossed factors), where one evaluation is
-    expensive and L-BFGS or a derivative-free method needs 50–100 of them (lme4: 74
-    for InstEval).  Start at the best of a few multiples of the default θ, backtrack
-    on the criterion, stop on the Newton decrement gᵀH⁻¹g < 1e-13 · max(1, |f|) at a
-    positive-definite Hessian (Newton converges quadratically: the step before is ~1e-6); then probe the boundary for diagonals near zero and
-    snap them to exactly 0 when that does not raise the criterion (as lme4 reports
-    singular fits)."""
-    n_crit = n_vgh = 0
-    dtype = stats["XX"].dtype
+def newton_minimize(crit, vgh, layout: Layout, theta0=None, maxiter: int = 100,
+                    start_scales=SPARSE_START, label: str = "Newton", batched: bool = False):
+    """Damped Newton with an exact gradient and Hessian on the host, for programs where
+    one evaluation of both is cheap relative to many L-BFGS steps: the sparse path (big
+    crossed factors, where lme4 needs 74 evaluations for InstEval) and the dense engine
+    of small designs (:mod:`lmmjax.dense`).
 
-    def crit(t):
+    ``crit(θ) -> f``; ``vgh(θ) -> (f, g, H, payload)`` (payload: whatever the caller
+    wants back from the evaluation at the final θ).  Start at the best of
+    ``start_scales`` × the default θ, backtrack on the criterion, stop on the Newton
+    decrement gᵀH⁻¹g < 1e-13 · max(1, |f|) at a positive-definite Hessian (Newton
+    converges quadratically: the step before is ~1e-6); then probe the boundary for
+    diagonals near zero and snap them to exactly 0 when that does not raise the
+    criterion (as lme4 reports singular fits).  ``batched``: ``crit`` also takes a 2-D
+    array of points (one dispatch for the start grid and the probes).  Returns
+    (OptimizeResult, payload)."""
+    n_crit = n_vgh = 0
+
+    def crit_(t):
         nonlocal n_crit
         n_crit += 1
-        return float(_objective(jax.device_put(np.asarray(t, dtype)), stats, layout, reml))
+        return float(crit(np.asarray(t, float)))
 
-    def vgh(t, free):
-        nonlocal n_vgh
+    def crit_rows(ts):
+        nonlocal n_crit
+        if not batched:
+            return [crit_(t) for t in ts]
+        n_crit += len(ts)
+        return list(np.asarray(crit(np.asarray(ts, float)), float))
+
+    def vgh_(t, free):
+        nonlocal n_vgh, payload
         n_vgh += 1
-        f, g, H = jax.device_get(sparse_value_grad_hess(jax.device_put(np.asarray(t, dtype)), stats, layout, reml))
+        f, g, H, payload = vgh(np.asarray(t, float))
         g, H = np.array(g, float), np.array(H, float)
         g[~free] = 0.0
         H[~free] = 0.0
@@ -194,34 +207,45 @@ def minimize_sparse(stats, layout: Layout, reml: bool, theta0=None, maxiter: int
         H[~free, ~free] = 1.0
         return float(f), g, H
 
+    payload = None
     if theta0 is None:
         base = layout.init_theta()
-        vals = [crit(c * base) for c in SPARSE_START]
-        theta = SPARSE_START[int(np.nanargmin(vals))] * base
+        vals = crit_rows([c * base for c in start_scales])
+        theta = start_scales[int(np.nanargmin(vals))] * base
     else:
         theta = np.asarray(theta0, float)
     bidx = layout.boundary()
     free = np.ones(theta.size, bool)
     it = 0
-    f, g, H = vgh(theta, free)
-    for _round in range(3):
+    f, g, H = vgh_(theta, free)
+    for _round in range(6):
         while it < maxiter:
             it += 1
             step, pd = _newton_step(g, H)
             dec = -float(g @ step)
-            if pd and dec < 1e-13 * max(1.0, abs(f)):
+            if dec < 1e-13 * max(1.0, abs(f)):
+                # converged (PD), or stationary where H is not PD: the probes decide.  At a PD
+                # Hessian one more full step costs one evaluation and squares the gradient
+                # (Newton's quadratic convergence); it is taken when f stays within round-off.
+                if pd and np.max(np.abs(g)) > 1e-9:
+                    t = layout.canonical(theta + step)
+                    ft, gt, Ht = vgh_(t, free)
+                    if np.isfinite(ft) and ft <= f + 1e-13 * max(1.0, abs(f)) and np.max(np.abs(gt)) < np.max(np.abs(g)):
+                        theta, f, g, H = t, ft, gt, Ht
+                    else:
+                        f, g, H = vgh_(theta, free)    # the payload belongs to θ
                 break
             # the full step is tried with the gradient and Hessian (usually accepted: the
             # evaluation is reused); shorter steps with the criterion alone
             t = layout.canonical(theta + step)   # same criterion; the final θ needs no re-evaluation
-            ft, gt, Ht = vgh(t, free)
+            ft, gt, Ht = vgh_(t, free)
             if np.isfinite(ft) and ft <= f - 1e-4 * dec:
                 theta, f, g, H = t, ft, gt, Ht
                 continue
             alpha, accepted = 0.5, False
             for _ in range(30):
                 t = theta + alpha * step
-                ft = crit(t)
+                ft = crit_(t)
                 if np.isfinite(ft) and ft <= f - 1e-4 * alpha * dec:
                     accepted = True
                     break
@@ -229,31 +253,34 @@ def minimize_sparse(stats, layout: Layout, reml: bool, theta0=None, maxiter: int
             if not accepted:
                 break
             theta = layout.canonical(t)
-            f, g, H = vgh(theta, free)
+            f, g, H = vgh_(theta, free)
         theta_final = layout.canonical(theta)
         if not np.array_equal(theta_final, theta):
             theta = theta_final
-            f, g, H = vgh(theta, free)
+            f, g, H = vgh_(theta, free)
         # boundary: a diagonal near zero is snapped to 0 if that does not raise the criterion;
         # if an inward step lowers it instead, restart from there
+        # (inward probes first: at θ_d = 0 the gradient vanishes by symmetry, and a start
+        # there must not be mistaken for a boundary optimum)
         restart = False
         for d in bidx:
             if free[d] and abs(theta[d]) < BOUNDARY_CHECK:
                 z = theta.copy()
                 z[d] = 0.0
-                if crit(z) <= f + 1e-12 * max(1.0, abs(f)):
+                *probes, fz = crit_rows([np.where(np.arange(theta.size) == d, theta[d] + s_, theta)
+                                         for s_ in PROBE_STEPS] + [z])
+                j = int(np.argmin(probes))
+                if probes[j] < f - 1e-8 * max(1.0, abs(f)):
+                    theta = theta.copy()
+                    theta[d] += PROBE_STEPS[j]
+                    restart = True
+                    break
+                if fz <= f + 1e-12 * max(1.0, abs(f)):
                     theta, free[d] = z, False
                     restart = True
-                else:
-                    probes = [crit(np.where(np.arange(theta.size) == d, theta[d] + s_, theta)) for s_ in PROBE_STEPS]
-                    j = int(np.argmin(probes))
-                    if probes[j] < f - 1e-8 * max(1.0, abs(f)):
-                        theta = theta.copy()
-                        theta[d] += PROBE_STEPS[j]
-                        restart = True
         if not restart:
             break
-        f, g, H = vgh(theta, free)
+        f, g, H = vgh_(theta, free)
     gmax = float(np.max(np.abs(g[free]))) if free.any() else 0.0
     Hf = H[np.ix_(free, free)]
     hpd = bool(Hf.size == 0 or np.all(np.linalg.eigvalsh(Hf) > 1e-10 * max(1.0, np.abs(Hf).max())))
@@ -265,11 +292,27 @@ def minimize_sparse(stats, layout: Layout, reml: bool, theta0=None, maxiter: int
         msgs.append(f"Newton decrement {dec:.3g} (the criterion may still fall by about {dec / 2:.3g})")
     if not hpd:
         msgs.append("Hessian of the criterion is not positive definite on the free parameters")
-    return OptimizeResult(
+    res = OptimizeResult(
         theta=layout.canonical(theta), criterion=f, iterations=it, evaluations=n_crit + n_vgh,
         grad_norm=gmax, hessian=H, hessian_pd=hpd, at_boundary=np.flatnonzero(~free), converged=ok,
-        message="; ".join(msgs) or f"converged (sparse Newton: {n_vgh} gradient+Hessian and {n_crit} criterion evaluations)",
+        message="; ".join(msgs) or f"converged ({label}: {n_vgh} gradient+Hessian and {n_crit} criterion evaluations)",
     )
+    return res, payload
+
+
+def minimize_sparse(stats, layout: Layout, reml: bool, theta0=None, maxiter: int = 100) -> OptimizeResult:
+    """:func:`newton_minimize` on the sparse path's criterion and
+    :func:`~lmmjax.likelihood.sparse_value_grad_hess` (exact gradient and Hessian)."""
+    dtype = stats["XX"].dtype
+
+    def crit(t):
+        return _objective(jax.device_put(np.asarray(t, dtype)), stats, layout, reml)
+
+    def vgh(t):
+        f, g, H = jax.device_get(sparse_value_grad_hess(jax.device_put(np.asarray(t, dtype)), stats, layout, reml))
+        return f, g, H, None
+
+    return newton_minimize(crit, vgh, layout, theta0, maxiter, SPARSE_START, "sparse Newton")[0]
 
 
 def minimize_theta(stats, layout: Layout, reml: bool, theta0=None, maxiter: int = 1000,

@@ -1,0 +1,256 @@
+r"""The design as data: statistics padded to shape buckets and Λ(θ) as an index template,
+so one compiled program serves every design of a bucket.
+
+lmmjax's blocked criterion (:mod:`lmmjax.likelihood`) takes the covariance structures and
+level counts as *static* arguments, so every new design used to compile its programs
+(seconds each).  Here they are data.  lme4's Λ(θ) is linear in θ (Bates et al. 2015,
+JSS 67(1), sec. 2.2: θ fills fixed positions of a block-diagonal template), so
+
+* the first term's template T₁ (q₁ × q₁) is a scatter of θ through an index array
+  (padded to q₁(q₁+1)/2 entries: us, diag and homdiag terms of one q₁ share a program);
+* the later terms' Λ_r (q_r × q_r, block diagonal) is a scatter too, applied as a dense
+  matrix (or a vector when every later term is scalar);
+* every array is padded to a bucket (powers of two, :func:`bucket`) of ℓ₁ (first-term
+  levels), p (fixed effects), k (θ entries), q_r and the template lengths; n and the true
+  p are arrays (REML's n − p), not shapes.
+
+Padding changes nothing, exactly: a padded first-term level has D₁ = 0, Z₁ᵀX = 0,
+Z₁ᵀy = 0, Z₁ᵀZ_r = 0, so its block of ΛᵀZᵀZΛ + I is I (log-determinant 0) and it meets
+nothing; a padded later level has a zero row in Z_rᵀZ_r and no Λ entry (its block of S₂₂
+is I); a padded fixed-effect column has an identity block in XᵀX and zeros elsewhere
+(its block of M_XX is I, β̂ = 0 there); a padded θ entry fills no position.
+tests/test_bucketed.py checks this against the unpadded criterion.
+
+One evaluation (:func:`evaluate`) gives the profiled criterion c(θ), its gradient and
+Hessian, β̂, Var(β̂) and lmerTest's Satterthwaite derivatives from one forward-over-reverse
+pass of the *unprofiled* deviance d(θ, σ) at σ̂(θ): with H = ∇²d over ψ = (θ, σ),
+
+    ∇c = ∂d/∂θ,   ∇²c = H_θθ − H_θσ H_σθ / H_σσ     (c(θ) = min_σ d(θ, σ): envelope theorem)
+
+so the host Newton (:func:`lmmjax.optimize.newton_minimize`) and ``summary()``'s
+Satterthwaite table need no other program.
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .inference import unprofiled_deviance
+from .likelihood import Layout, criterion, dense_rest, eliminate_first, finish_fixed, solve_from
+
+__all__ = ["bucket", "eligible", "bucket_stats", "factorize", "crit", "evaluate", "solve", "fit"]
+
+#: designs whose later terms have at most this many random effects (bucketed) use this engine
+SMALL_QR_MAX = 256
+
+
+def bucket(n: int, lo: int) -> int:
+    """The shape bucket of a size: the next power of two, at least ``lo``."""
+    return max(lo, 1 << max(0, int(math.ceil(math.log2(max(n, 1))))))
+
+
+def _entries(s):
+    """(row, col, parameter) of each entry of a structure's template T, or None when T
+    is not a scatter of its parameters (cs, ar1, kernels keep the layout engine)."""
+    if hasattr(s, "positions"):
+        return [(r, c, i) for i, (r, c) in enumerate(s.positions)]
+    if type(s).__name__ == "HomDiagonal":   # |θ|·I; Λ enters only as ΛΛᵀ, so θ·I is the same
+        return [(a, a, 0) for a in range(s.q)]
+    return None
+
+
+def eligible(stats: dict, layout: Layout) -> bool:
+    """Dense (not sparse) statistics, template structures, a small later-terms block."""
+    return ("tr_j" not in stats and all(_entries(s) is not None for s in layout.structures)
+            and (layout.q_rest == 0 or bucket(layout.q_rest, 8) <= SMALL_QR_MAX))
+
+
+def _pad(a, shape, fill=0.0):
+    out = np.full(shape, fill, dtype=np.asarray(a).dtype if np.issubdtype(np.asarray(a).dtype, np.integer) else float)
+    out[tuple(slice(0, n) for n in np.shape(a))] = a
+    return out
+
+
+def bucket_stats(stats: dict, layout: Layout) -> dict:
+    """The design's statistics padded to its bucket, with the Λ templates (host arrays)."""
+    l1, q1 = layout.n_levels[0], layout.q[0]
+    p, k, qr = np.asarray(stats["XX"]).shape[0], layout.n_theta, layout.q_rest
+    l1b, pb, kb = bucket(l1, 8), bucket(p, 2), bucket(k, 2)
+    XX = np.eye(pb)
+    XX[:p, :p] = stats["XX"]
+    S = dict(D1=_pad(stats["D1"], (l1b, q1, q1)), Z1X=_pad(stats["Z1X"], (l1b, q1, pb)),
+             Z1y=_pad(stats["Z1y"], (l1b, q1)), XX=XX, Xy=_pad(stats["Xy"], (pb,)),
+             yy=np.asarray(stats["yy"], float), n=np.asarray(stats["n"], float), p=np.asarray(p, float))
+    e1 = _entries(layout.structures[0])
+    m1 = q1 * (q1 + 1) // 2
+    S["t1_i"] = _pad(np.array([r * q1 + c for r, c, _ in e1], np.int32), (m1,))
+    S["t1_t"] = _pad(np.array([i for *_, i in e1], np.int32), (m1,))
+    S["t1_w"] = _pad(np.ones(len(e1)), (m1,))
+    if qr:
+        qrb = bucket(qr, 8)
+        S.update(Z1Zr=_pad(stats["Z1Zr"], (l1b, q1, qrb)), ZrZr=_pad(stats["ZrZr"], (qrb, qrb)),
+                 ZrX=_pad(stats["ZrX"], (qrb, pb)), Zry=_pad(stats["Zry"], (qrb,)))
+        rows, cols, idx = [], [], []
+        off_u, off_t = 0, layout.structures[0].n_params
+        for s, l in zip(layout.structures[1:], layout.n_levels[1:]):
+            base = off_u + np.arange(l) * s.q
+            for r, c, i in _entries(s):
+                rows.append(base + r)
+                cols.append(base + c)
+                idx.append(np.full(l, off_t + i))
+            off_u += l * s.q
+            off_t += s.n_params
+        rows, cols, idx = (np.concatenate(a).astype(np.int32) for a in (rows, cols, idx))
+        if all(q == 1 for q in layout.q[1:]):      # Λ_r diagonal: a vector, one entry per level
+            S["lrd_t"] = _pad(idx, (qrb,))
+            S["lrd_w"] = _pad(np.ones(idx.size), (qrb,))
+        else:
+            er = bucket(rows.size, 8)
+            S.update(lr_r=_pad(rows, (er,)), lr_c=_pad(cols, (er,)), lr_t=_pad(idx, (er,)),
+                     lr_w=_pad(np.ones(rows.size), (er,)))
+    return S
+
+
+def factorize(theta, S):
+    """The blocked factorization (:func:`lmmjax.likelihood.factorize`'s output) of the
+    padded system at θ (length ``bucket(k)``)."""
+    q1 = S["D1"].shape[-1]
+    T1 = jnp.zeros((q1 * q1,), theta.dtype).at[S["t1_i"]].add(S["t1_w"] * theta[S["t1_t"]]).reshape(q1, q1)
+    L11, G, c1x, c1y, Mxx, Mxy, Myy, logdet_z = eliminate_first(T1, S)
+    out = dict(L11=L11, c1x=c1x, c1y=c1y)
+    if "lrd_t" in S:
+        lam = S["lrd_w"] * theta[S["lrd_t"]]
+        return dense_rest(out, G, Mxx, Mxy, Myy, logdet_z, S, lambda M: M * lam)
+    if "lr_r" in S:
+        qrb = S["ZrZr"].shape[0]
+        Lr = jnp.zeros((qrb, qrb), theta.dtype).at[S["lr_r"], S["lr_c"]].add(S["lr_w"] * theta[S["lr_t"]])
+        return dense_rest(out, G, Mxx, Mxy, Myy, logdet_z, S, lambda M: M @ Lr)
+    return finish_fixed(out, Mxx, Mxy, Myy, logdet_z)
+
+
+def _nu(S, reml: bool):
+    return S["n"] - S["p"] if reml else S["n"]
+
+
+@partial(jax.jit, static_argnames=("reml",))
+def crit(theta, S, reml: bool):
+    """The profiled criterion at θ (line searches and boundary probes)."""
+    return criterion(factorize(theta, S), S["n"], S["p"], reml)
+
+
+def _deviance(vp, S, reml: bool):
+    f = factorize(vp[:-1], S)
+    return unprofiled_deviance(f, S["n"], S["p"], vp[-1], reml), f["Mxx"]
+
+
+@partial(jax.jit, static_argnames=("reml",))
+def crit_many(thetas, S, reml: bool):
+    """The criterion at each row of ``thetas`` (one dispatch; a sequential map, since
+    vmapped LAPACK calls have hung XLA-CPU)."""
+    return jax.lax.map(lambda t: criterion(factorize(t, S), S["n"], S["p"], reml), thetas)
+
+
+#: the order in which :func:`evaluate_packed` concatenates its outputs
+_PACKED = ("f", "g", "H", "beta", "sigma2", "vcov", "satt_H", "satt_dM", "satt_M")
+
+
+@partial(jax.jit, static_argnames=("reml",))
+def evaluate_packed(theta, S, reml: bool):
+    """:func:`evaluate` as one flat array (one device-to-host transfer per Newton step)."""
+    ev = evaluate.__wrapped__(theta, S, reml)
+    return jnp.concatenate([jnp.ravel(ev[key]) for key in _PACKED])
+
+
+def _unpack(flat: np.ndarray, kb: int, pb: int) -> dict:
+    shapes = dict(f=(), g=(kb,), H=(kb, kb), beta=(pb,), sigma2=(), vcov=(pb, pb), satt_H=(kb + 1, kb + 1),
+                  satt_dM=(pb, pb, kb + 1), satt_M=(pb, pb))
+    out, i = {}, 0
+    for key in _PACKED:
+        size = int(np.prod(shapes[key], dtype=int))
+        out[key] = flat[i: i + size].reshape(shapes[key])
+        i += size
+    return out
+
+
+@partial(jax.jit, static_argnames=("reml",))
+def evaluate(theta, S, reml: bool):
+    """c(θ), ∇c, ∇²c, β̂, σ̂², Var(β̂) and the Satterthwaite derivatives (module docstring):
+    ``satt_H`` = ∇²d over (θ, σ), ``satt_dM`` = ∂M/∂(θ, σ), ``satt_M`` = M = XᵀV⁻¹Xσ²."""
+    f = factorize(theta, S)
+    s2 = f["r2"] / _nu(S, reml)
+    vp = jnp.concatenate([theta, jnp.sqrt(s2)[None]])
+    grad_m = jax.grad(_deviance, has_aux=True)
+    H, dM = jax.jacfwd(grad_m)(vp, S, reml)
+    g, M = grad_m(vp, S, reml)
+    hts, hss = H[:-1, -1], H[-1, -1]
+    RXi = f["RXi"]
+    return dict(f=criterion(f, S["n"], S["p"], reml), g=g[:-1], H=H[:-1, :-1] - jnp.outer(hts, hts) / hss,
+                beta=RXi.T @ f["z"], sigma2=s2, vcov=s2 * (RXi.T @ RXi), satt_H=H, satt_dM=dM, satt_M=M)
+
+
+@partial(jax.jit, static_argnames=("reml",))
+def solve(theta, S, reml: bool):
+    """:func:`lmmjax.likelihood.solve` on the padded system."""
+    return solve_from(factorize(theta, S), S, S["p"], reml)
+
+
+def _unpad_solution(sol: dict, layout: Layout, p: int) -> dict:
+    l1, qr = layout.n_levels[0], layout.q_rest
+    return dict(criterion=float(sol["criterion"]), beta=sol["beta"][:p], sigma2=float(sol["sigma2"]),
+                vcov=sol["vcov"][:p, :p], u1=sol["u1"][:l1], Ainv1=sol["Ainv1"][:l1], u2=sol["u2"][:qr],
+                Ainv_rest=sol["Ainv_rest"][:qr, :qr], r2=float(sol["r2"]), logdet_z=float(sol["logdet_z"]),
+                logdet_x=float(sol["logdet_x"]))
+
+
+def host_factors(theta, layout: Layout) -> list[np.ndarray]:
+    """The templates T_k at θ in numpy (no device work), through the same entries."""
+    out, off = [], 0
+    for s in layout.structures:
+        T = np.zeros((s.q, s.q))
+        for r, c, i in _entries(s):
+            T[r, c] = theta[off + i]
+        out.append(np.abs(T) if type(s).__name__ == "HomDiagonal" else T)
+        off += s.n_params
+    return out
+
+
+def fit(stats: dict, layout: Layout, reml: bool, dtype, theta0=None, maxiter: int = 200):
+    """Fit a design through its bucket's programs: the host Newton of
+    :func:`lmmjax.optimize.newton_minimize` on :func:`evaluate`, then :func:`solve`.
+
+    Returns (OptimizeResult, sol, satt): ``sol`` in :func:`lmmjax.likelihood.solve`'s
+    format, ``satt`` = (∇²d, ∂M, M) at the optimum for Satterthwaite."""
+    from .optimize import newton_minimize
+
+    host = bucket_stats(stats, layout)
+    S = jax.device_put({key: v if np.issubdtype(v.dtype, np.integer) else v.astype(dtype) for key, v in host.items()})
+    k, p = layout.n_theta, int(np.asarray(stats["XX"]).shape[0])
+    kb, pb = bucket(k, 2), host["XX"].shape[0]
+    keep = np.r_[np.arange(k), kb]          # θ, then σ
+
+    def pad(t):
+        t = np.atleast_2d(np.asarray(t, float))
+        return jax.device_put(np.concatenate([t, np.zeros((t.shape[0], kb - k))], axis=1).astype(dtype))
+
+    def crit_(t):
+        t = np.asarray(t, float)
+        v = np.asarray(crit_many(pad(t), S, reml), float)
+        return v if t.ndim == 2 else float(v[0])
+
+    def vgh(t):
+        ev = _unpack(np.asarray(evaluate_packed(pad(t)[0], S, reml), float), kb, pb)
+        satt = (ev["satt_H"][np.ix_(keep, keep)], ev["satt_dM"][:p, :p][..., keep], ev["satt_M"][:p, :p])
+        return float(ev["f"]), ev["g"][:k], ev["H"][:k, :k], satt
+
+    opt, satt = newton_minimize(crit_, vgh, layout, theta0, maxiter, START_SCALES, "Newton", batched=True)
+    sol = _unpad_solution(jax.device_get(solve(pad(opt.theta)[0], S, reml)), layout, p)
+    sol["Ts"] = host_factors(np.asarray(opt.theta, float), layout)
+    return opt, sol, satt
+
+
+#: the start grid: multiples of lme4's default θ (Newton starts from the best)
+START_SCALES = tuple(4.0 ** np.arange(-5, 2))
