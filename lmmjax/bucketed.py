@@ -46,6 +46,8 @@ __all__ = ["bucket", "eligible", "bucket_stats", "factorize", "crit", "evaluate"
 
 #: designs whose later terms have at most this many random effects (bucketed) use this engine
 SMALL_QR_MAX = 256
+#: the smallest θ and fixed-effect buckets (most models have k, p ≤ 4: one bucket)
+K_MIN = 4
 
 
 def bucket(n: int, lo: int) -> int:
@@ -79,7 +81,7 @@ def bucket_stats(stats: dict, layout: Layout) -> dict:
     """The design's statistics padded to its bucket, with the Λ templates (host arrays)."""
     l1, q1 = layout.n_levels[0], layout.q[0]
     p, k, qr = np.asarray(stats["XX"]).shape[0], layout.n_theta, layout.q_rest
-    l1b, pb, kb = bucket(l1, 8), bucket(p, 2), bucket(k, 2)
+    l1b, pb, kb = bucket(l1, 8), bucket(p, K_MIN), bucket(k, K_MIN)
     XX = np.eye(pb)
     XX[:p, :p] = stats["XX"]
     S = dict(D1=_pad(stats["D1"], (l1b, q1, q1)), Z1X=_pad(stats["Z1X"], (l1b, q1, pb)),
@@ -229,7 +231,7 @@ def fit(stats: dict, layout: Layout, reml: bool, dtype, theta0=None, maxiter: in
     host = bucket_stats(stats, layout)
     S = jax.device_put({key: v if np.issubdtype(v.dtype, np.integer) else v.astype(dtype) for key, v in host.items()})
     k, p = layout.n_theta, int(np.asarray(stats["XX"]).shape[0])
-    kb, pb = bucket(k, 2), host["XX"].shape[0]
+    kb, pb = bucket(k, K_MIN), host["XX"].shape[0]
     keep = np.r_[np.arange(k), kb]          # θ, then σ
 
     def pad(t):
@@ -237,8 +239,11 @@ def fit(stats: dict, layout: Layout, reml: bool, dtype, theta0=None, maxiter: in
         return jax.device_put(np.concatenate([t, np.zeros((t.shape[0], kb - k))], axis=1).astype(dtype))
 
     def crit_(t):
+        # always CRIT_ROWS points (one program shape; the start grid and the probes fill it)
         t = np.asarray(t, float)
-        v = np.asarray(crit_many(pad(t), S, reml), float)
+        rows = np.atleast_2d(t)
+        v = np.concatenate([np.asarray(crit_many(pad(np.resize(rows[i: i + CRIT_ROWS], (CRIT_ROWS, k))), S, reml),
+                                       float)[: len(rows[i: i + CRIT_ROWS])] for i in range(0, len(rows), CRIT_ROWS)])
         return v if t.ndim == 2 else float(v[0])
 
     def vgh(t):
@@ -251,6 +256,9 @@ def fit(stats: dict, layout: Layout, reml: bool, dtype, theta0=None, maxiter: in
     sol["Ts"] = host_factors(np.asarray(opt.theta, float), layout)
     return opt, sol, satt
 
+
+#: the criterion is evaluated at this many points per call (the start grid, the probes)
+CRIT_ROWS = 8
 
 #: the start grid: multiples of lme4's default θ (Newton starts from the best)
 START_SCALES = tuple(4.0 ** np.arange(-5, 2))
