@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import warnings
 from functools import lru_cache
@@ -10,6 +11,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+
+# each pytest-xdist worker gets its own persistent compilation cache: JAX's file cache is
+# not safe for one process reading an entry while another writes it (a read of a
+# half-written executable segfaulted here once).  Set before any test imports lmmjax.
+if "PYTEST_XDIST_WORKER" in os.environ and "LMMJAX_CACHE_DIR" not in os.environ:
+    os.environ["LMMJAX_CACHE_DIR"] = os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "lmmjax",
+        "xla-" + os.environ["PYTEST_XDIST_WORKER"])
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CASE_DIRS = [FIXTURES / "reference", FIXTURES / "extra"]
