@@ -241,18 +241,6 @@ def _unpad_solution(sol: dict, layout: Layout, p: int) -> dict:
                 logdet_x=float(sol["logdet_x"]))
 
 
-def host_factors(theta, layout: Layout) -> list[np.ndarray]:
-    """The templates T_k at θ in numpy (no device work), through the same entries."""
-    out, off = [], 0
-    for s in layout.structures:
-        T = np.zeros((s.q, s.q))
-        for r, c, i in _entries(s):
-            T[r, c] = theta[off + i]
-        out.append(np.abs(T) if type(s).__name__ == "HomDiagonal" else T)
-        off += s.n_params
-    return out
-
-
 def fit(stats: dict, layout: Layout, reml: bool, dtype, theta0=None, maxiter: int = 200):
     """Fit a design through its bucket's programs: the host Newton of
     :func:`lmmjax.optimize.newton_minimize` on :func:`evaluate`, then :func:`solve`.
@@ -286,7 +274,7 @@ def fit(stats: dict, layout: Layout, reml: bool, dtype, theta0=None, maxiter: in
 
     opt, satt = newton_minimize(crit_, vgh, layout, theta0, maxiter, START_SCALES, "Newton", batched=True)
     sol = _unpad_solution(jax.device_get(solve(pad(opt.theta)[0], S, reml)), layout, p)
-    sol["Ts"] = host_factors(np.asarray(opt.theta, float), layout)
+    sol["Ts"] = layout.factors_host(np.asarray(opt.theta, float))
     return opt, sol, satt
 
 

@@ -468,7 +468,7 @@ def design_stats(design: Design, sparse: bool | None = None) -> dict:
         for c in range(a, q1):
             D1[:, a, c] = D1[:, c, a] = np.bincount(b1.index, b1.Zq[:, a] * b1.Zq[:, c], minlength=l1)
     Z1 = _term_Z(b1)
-    stats = dict(D1=D1, Z1X=np.asarray(Z1.T @ X).reshape(l1, q1, -1), XX=X.T @ X, n=float(design.n))
+    stats = dict(D1=D1, n=float(design.n), **x_stats(design, X))
     if len(design.blocks) > 1:
         Zr = sp.hstack([_term_Z(b) for b in design.blocks[1:]], format="csr")
         B = (Z1.T @ Zr).tocsr()
@@ -477,8 +477,17 @@ def design_stats(design: Design, sparse: bool | None = None) -> dict:
         else:
             stats["Z1Zr"] = B.toarray().reshape(l1, q1, -1)
         stats["ZrZr"] = (Zr.T @ Zr).toarray()
-        stats["ZrX"] = np.asarray(Zr.T @ X)
     return stats
+
+
+def x_stats(design: Design, X: np.ndarray) -> dict:
+    """The cross-products that involve the fixed-effects matrix ``X``: Z₁ᵀX, XᵀX, Z_rᵀX."""
+    b1 = design.blocks[0]
+    out = dict(Z1X=np.asarray(_term_Z(b1).T @ X).reshape(b1.n_levels, b1.q, -1), XX=X.T @ X)
+    if len(design.blocks) > 1:
+        Zr = sp.hstack([_term_Z(b) for b in design.blocks[1:]], format="csr")
+        out["ZrX"] = np.asarray(Zr.T @ X)
+    return out
 
 
 def response_stats(design: Design, Y: np.ndarray) -> dict:

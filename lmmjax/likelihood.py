@@ -73,6 +73,20 @@ class Layout:
         off = self.theta_offsets
         return [s.factor(theta[off[k] : off[k + 1]]) for k, s in enumerate(self.structures)]
 
+    def factors_host(self, theta) -> list[np.ndarray]:
+        """The templates T_k at θ as numpy arrays (template structures without device work)."""
+        off, out = self.theta_offsets, []
+        for k, s in enumerate(self.structures):
+            t = np.asarray(theta[off[k]: off[k + 1]], float)
+            if hasattr(s, "positions"):
+                T = np.zeros((s.q, s.q))
+                for i, (r, c) in enumerate(s.positions):
+                    T[r, c] = t[i]
+            else:
+                T = np.asarray(s.factor(jnp.asarray(t)), float)
+            out.append(T)
+        return out
+
     def init_theta(self) -> np.ndarray:
         return np.concatenate([s.init() for s in self.structures])
 

@@ -12,6 +12,7 @@ the caller — is left untouched.  ``dtype="float32"`` is an explicit speed opti
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import jax
@@ -20,10 +21,11 @@ import pandas as pd
 
 from . import bucketed
 from ._compute import precision, to_device
-from .design import build_design, design_stats, response_stats
+from .design import build_design, design_stats, response_stats, x_stats
 from .likelihood import solve
 from .optimize import ConvergenceWarning, SingularFitWarning, evaluate_theta, minimize_theta
 from .results import LmerResult
+from .scaling import standardize, standardize_terms
 
 __all__ = ["lmer", "precision"]
 
@@ -62,19 +64,44 @@ def lmer(formula: str, data: pd.DataFrame, reml: bool = True, *, dtype: str = "f
         return fit_grouped(formula, data, residual, reml=reml, dtype=dtype, engine="lmer", structures=structures)
     design = build_design(formula, data, structures=structures)
     stats = {**design_stats(design), **response_stats(design, design.y)}
+    # the fit runs on standardized X and y (lmmjax.scaling): exact on badly scaled data
+    # and on centred, scaled columns of unstructured random-effects terms (a slope on a
+    # predictor offset by 10⁶ would otherwise sit at θ ~ 10⁵ with a correlation near −1)
+    Xs, ys, scale = standardize(design.X, design.y)
+    blocks, tscale = standardize_terms(design.blocks)
+    sdesign = dataclasses.replace(design, X=Xs, y=ys, blocks=blocks)
+    if tscale.any():
+        fstats = {**design_stats(sdesign), **response_stats(sdesign, ys)}
+    else:
+        fstats = {**stats, **x_stats(sdesign, Xs), **response_stats(sdesign, ys)}
+    layout = design.layout
+    to_fit = tscale.inverse()
+
+    def user_theta(t):     # a user's start or θ in the fit's coordinates
+        return None if t is None else to_fit.theta(_check_theta(t, layout), layout)
+
     satt = None
+    n, p = design.n, design.p
     with precision(dtype) as dt:
-        if theta is None and bucketed.eligible(stats, design.layout):
-            opt, sol, satt = bucketed.fit(stats, design.layout, reml, dt, theta0=_start(start, design.layout),
-                                       maxiter=min(maxiter, 200))
+        if theta is None and bucketed.eligible(fstats, layout):
+            opt, sol, satt = bucketed.fit(fstats, layout, reml, dt, theta0=user_theta(start),
+                                          maxiter=min(maxiter, 200))
+            satt = scale.satterthwaite(*satt)
         else:
-            dev_stats = to_device(stats, dt)
+            dev_stats = to_device(fstats, dt)
             if theta is None:
-                opt = minimize_theta(dev_stats, design.layout, reml, theta0=start, maxiter=maxiter)
+                opt = minimize_theta(dev_stats, layout, reml, theta0=user_theta(start), maxiter=maxiter)
             else:
-                opt = evaluate_theta(dev_stats, design.layout, reml, theta)
-            sol = solve(jax.device_put(np.asarray(opt.theta, dt)), dev_stats, design.layout, reml)
+                opt = evaluate_theta(dev_stats, layout, reml, user_theta(theta))
+            sol = solve(jax.device_put(np.asarray(opt.theta, dt)), dev_stats, layout, reml)
             sol = jax.tree.map(np.asarray, sol)
+    sol = scale.solution(sol, n, p, reml)
+    if tscale.any():
+        sol = tscale.solution(sol, opt.theta, layout)
+        opt = dataclasses.replace(opt, theta=tscale.theta(opt.theta, layout))
+    if theta is not None:
+        opt = dataclasses.replace(opt, theta=layout.canonical(_check_theta(theta, layout)))
+    opt = dataclasses.replace(opt, criterion=scale.criterion(opt.criterion, n, p, reml))
     m = LmerResult(design, stats, opt, sol, reml, data_name=getattr(data, "_lmmjax_name", None))
     if satt is not None and dt == np.float64:
         m.set_satterthwaite(*satt)
@@ -88,11 +115,9 @@ def lmer(formula: str, data: pd.DataFrame, reml: bool = True, *, dtype: str = "f
     return m
 
 
-def _start(start, layout):
-    """A user's starting θ, checked (None: the engine's start grid)."""
-    if start is None:
-        return None
-    theta = np.asarray(start, float)
+def _check_theta(theta, layout):
+    """A user's θ (start or fixed), checked."""
+    theta = np.asarray(theta, float)
     if theta.shape != (layout.n_theta,):
-        raise ValueError(f"start must have {layout.n_theta} entries (lme4's θ order), got shape {theta.shape}")
+        raise ValueError(f"start and theta must have {layout.n_theta} entries (lme4's θ order), got shape {theta.shape}")
     return theta

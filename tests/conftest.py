@@ -12,13 +12,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-# each pytest-xdist worker gets its own persistent compilation cache: JAX's file cache is
-# not safe for one process reading an entry while another writes it (a read of a
-# half-written executable segfaulted here once).  Set before any test imports lmmjax.
-if "PYTEST_XDIST_WORKER" in os.environ and "LMMJAX_CACHE_DIR" not in os.environ:
-    os.environ["LMMJAX_CACHE_DIR"] = os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "lmmjax",
-        "xla-" + os.environ["PYTEST_XDIST_WORKER"])
+# no persistent compilation cache in tests: jaxlib 0.10.2's executable (de)serialization
+# segfaulted twice in ~900 cached compilations of the suite (a write of the sparse solve,
+# a read of the sparse Newton program), and a test run must be deterministic.  Set before
+# any test imports lmmjax; notebook kernels inherit it.
+os.environ.setdefault("LMMJAX_COMPILATION_CACHE", "0")
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CASE_DIRS = [FIXTURES / "reference", FIXTURES / "extra"]
