@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._linalg import chol_small, tril_inv_small
 from .likelihood import Layout, criterion, dense_rest, eliminate_first, finish_fixed, solve_from
 
 __all__ = ["bucket", "eligible", "bucket_stats", "factorize", "crit", "evaluate", "solve", "fit"]
@@ -84,6 +85,12 @@ def bucket_stats(stats: dict, layout: Layout) -> dict:
     S = dict(D1=_pad(stats["D1"], (l1b, q1, q1)), Z1X=_pad(stats["Z1X"], (l1b, q1, pb)),
              Z1y=_pad(stats["Z1y"], (l1b, q1)), XX=XX, Xy=_pad(stats["Xy"], (pb,)),
              yy=np.asarray(stats["yy"], float), n=np.asarray(stats["n"], float), p=np.asarray(p, float))
+    if "R1" in stats:              # square-root statistics of a single-term design (lmmjax.scaling)
+        WXX = np.eye(pb)
+        WXX[:p, :p] = stats["WXX"]
+        S.update(R1=_pad(stats["R1"], (l1b, q1, q1)), A1X=_pad(stats["A1X"], (l1b, q1, pb)),
+                 A1y=_pad(stats["A1y"], (l1b, q1)), WXX=WXX, WXy=_pad(stats["WXy"], (pb,)),
+                 Wyy=np.asarray(stats["Wyy"], float))
     e1 = _entries(layout.structures[0])
     m1 = q1 * (q1 + 1) // 2
     S["t1_i"] = _pad(np.array([r * q1 + c for r, c, _ in e1], np.int32), (m1,))
@@ -117,8 +124,9 @@ def bucket_stats(stats: dict, layout: Layout) -> dict:
 def factorize(theta, S):
     """The blocked factorization (:func:`lmmjax.likelihood.factorize`'s output) of the
     padded system at θ (length ``bucket(k)``)."""
-    q1 = S["D1"].shape[-1]
-    T1 = jnp.zeros((q1 * q1,), theta.dtype).at[S["t1_i"]].add(S["t1_w"] * theta[S["t1_t"]]).reshape(q1, q1)
+    T1 = _template_T1(theta, S)
+    if "R1" in S:
+        return finish_fixed(*_eliminate_first_sqrt(T1, S))
     L11, G, c1x, c1y, Mxx, Mxy, Myy, logdet_z = eliminate_first(T1, S)
     out = dict(L11=L11, c1x=c1x, c1y=c1y)
     if "lrd_t" in S:
@@ -129,6 +137,27 @@ def factorize(theta, S):
         Lr = jnp.zeros((qrb, qrb), theta.dtype).at[S["lr_r"], S["lr_c"]].add(S["lr_w"] * theta[S["lr_t"]])
         return dense_rest(out, G, Mxx, Mxy, Myy, logdet_z, S, lambda M: M @ Lr)
     return finish_fixed(out, Mxx, Mxy, Myy, logdet_z)
+
+
+def _template_T1(theta, S):
+    q1 = S["D1"].shape[-1]
+    return jnp.zeros((q1 * q1,), theta.dtype).at[S["t1_i"]].add(S["t1_w"] * theta[S["t1_t"]]).reshape(q1, q1)
+
+
+def _eliminate_first_sqrt(T1, S):
+    """The first term from square-root statistics (:func:`lmmjax.scaling.within_stats`):
+    B_j = I + R_jTTᵀR_jᵀ = L_BjL_Bjᵀ, c_j = L_Bj⁻¹[a_Xj, a_yj], M = W + Σⱼ c_jᵀc_j."""
+    q1 = T1.shape[0]
+    RT = jnp.einsum("jab,bc->jac", S["R1"], T1)
+    LB = chol_small(jnp.einsum("jac,jbc->jab", RT, RT) + jnp.eye(q1, dtype=T1.dtype))
+    LBi = tril_inv_small(LB)
+    cx = jnp.einsum("jab,jbp->jap", LBi, S["A1X"])
+    cy = jnp.einsum("jab,jb->ja", LBi, S["A1y"])
+    Mxx = S["WXX"] + jnp.einsum("jap,jaq->pq", cx, cx)
+    Mxy = S["WXy"] + jnp.einsum("jap,ja->p", cx, cy)
+    Myy = S["Wyy"] + jnp.sum(cy * cy)
+    logdet_z = 2.0 * jnp.sum(jnp.log(jnp.diagonal(LB, axis1=-2, axis2=-1)))
+    return dict(LBi=LBi, RT=RT, cx=cx, cy=cy, T1=T1), Mxx, Mxy, Myy, logdet_z
 
 
 def _nu(S, reml: bool):
@@ -230,7 +259,23 @@ def _unpack(flat: np.ndarray, kb: int, pb: int) -> dict:
 @partial(jax.jit, static_argnames=("reml",))
 def solve(theta, S, reml: bool):
     """:func:`lmmjax.likelihood.solve` on the padded system."""
-    return solve_from(factorize(theta, S), S, S["p"], reml)
+    f = factorize(theta, S)
+    if "R1" not in S:
+        return solve_from(f, S, S["p"], reml)
+    # square-root statistics: u_j = TᵀR_jᵀB_j⁻¹(a_yj − a_Xjβ̂) (push-through identity); the
+    # conditional covariance blocks (ΛᵀZᵀZΛ + I)⁻¹ from the cross-products as usual
+    n, p = S["n"], S["p"]
+    sigma2 = f["r2"] / (n - p if reml else n)
+    beta = f["RXi"].T @ f["z"]
+    w = f["cy"] - f["cx"] @ beta
+    u1 = jnp.einsum("jba,jb->ja", f["RT"], jnp.einsum("jba,jb->ja", f["LBi"], w))
+    T1 = f["T1"]
+    L11 = chol_small(jnp.einsum("ab,jac,cd->jbd", T1, S["D1"], T1) + jnp.eye(T1.shape[0], dtype=T1.dtype))
+    L11i = tril_inv_small(L11)
+    return dict(criterion=criterion(f, n, p, reml), beta=beta, sigma2=sigma2,
+                vcov=sigma2 * (f["RXi"].T @ f["RXi"]), u1=u1, u2=jnp.zeros((0,), T1.dtype),
+                Ainv1=jnp.einsum("jba,jbc->jac", L11i, L11i), Ainv_rest=jnp.zeros((0, 0), T1.dtype),
+                r2=f["r2"], logdet_z=f["logdet_z"], logdet_x=f["logdet_x"], Ts=None)
 
 
 def _unpad_solution(sol: dict, layout: Layout, p: int) -> dict:
@@ -241,6 +286,33 @@ def _unpad_solution(sol: dict, layout: Layout, p: int) -> dict:
                 logdet_x=float(sol["logdet_x"]))
 
 
+def _device_stats(stats: dict, layout: Layout, dtype):
+    host = bucket_stats(stats, layout)
+    S = jax.device_put({key: v if np.issubdtype(v.dtype, np.integer) else v.astype(dtype) for key, v in host.items()})
+    return S, bucket(layout.n_theta, K_MIN), host["XX"].shape[0]
+
+
+def at_theta(stats: dict, layout: Layout, reml: bool, dtype, theta):
+    """(OptimizeResult, sol, satt) at a given θ (no optimization; lmer's ``theta=``)."""
+    from .optimize import OptimizeResult
+
+    S, kb, pb = _device_stats(stats, layout, dtype)
+    k, p = layout.n_theta, int(np.asarray(stats["XX"]).shape[0])
+    theta = layout.canonical(np.asarray(theta, float))
+    t = jax.device_put(np.r_[theta, np.zeros(kb - k)].astype(dtype))
+    ev = _unpack(np.asarray(evaluate_packed(t, S, reml), float), kb, pb)
+    keep = np.r_[np.arange(k), kb]
+    satt = (ev["satt_H"][np.ix_(keep, keep)], ev["satt_dM"][:p, :p][..., keep], ev["satt_M"][:p, :p])
+    H = ev["H"][:k, :k]
+    opt = OptimizeResult(theta=theta, criterion=float(ev["f"]), iterations=0, evaluations=1,
+                         grad_norm=float(np.max(np.abs(ev["g"][:k]))) if k else 0.0, hessian=H,
+                         hessian_pd=bool(np.all(np.linalg.eigvalsh(H) > 0)), at_boundary=np.array([], int),
+                         converged=True, message="theta fixed by the caller")
+    sol = _unpad_solution(jax.device_get(solve(t, S, reml)), layout, p)
+    sol["Ts"] = layout.factors_host(theta)
+    return opt, sol, satt
+
+
 def fit(stats: dict, layout: Layout, reml: bool, dtype, theta0=None, maxiter: int = 200):
     """Fit a design through its bucket's programs: the host Newton of
     :func:`lmmjax.optimize.newton_minimize` on :func:`evaluate`, then :func:`solve`.
@@ -249,10 +321,8 @@ def fit(stats: dict, layout: Layout, reml: bool, dtype, theta0=None, maxiter: in
     format, ``satt`` = (∇²d, ∂M, M) at the optimum for Satterthwaite."""
     from .optimize import newton_minimize
 
-    host = bucket_stats(stats, layout)
-    S = jax.device_put({key: v if np.issubdtype(v.dtype, np.integer) else v.astype(dtype) for key, v in host.items()})
+    S, kb, pb = _device_stats(stats, layout, dtype)
     k, p = layout.n_theta, int(np.asarray(stats["XX"]).shape[0])
-    kb, pb = bucket(k, K_MIN), host["XX"].shape[0]
     keep = np.r_[np.arange(k), kb]          # θ, then σ
 
     def pad(t):

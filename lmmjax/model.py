@@ -25,7 +25,7 @@ from .design import build_design, design_stats, response_stats, x_stats
 from .likelihood import solve
 from .optimize import ConvergenceWarning, SingularFitWarning, evaluate_theta, minimize_theta
 from .results import LmerResult
-from .scaling import standardize, standardize_terms
+from .scaling import standardize, standardize_terms, within_stats
 
 __all__ = ["lmer", "precision"]
 
@@ -75,26 +75,46 @@ def lmer(formula: str, data: pd.DataFrame, reml: bool = True, *, dtype: str = "f
     else:
         fstats = {**stats, **x_stats(sdesign, Xs), **response_stats(sdesign, ys)}
     layout = design.layout
+    if len(design.blocks) == 1 and bucketed.eligible(fstats, layout):
+        fstats.update(within_stats(blocks[0], Xs, ys))      # no cancellation for a tiny σ
     to_fit = tscale.inverse()
 
     def user_theta(t):     # a user's start or θ in the fit's coordinates
         return None if t is None else to_fit.theta(_check_theta(t, layout), layout)
 
-    satt = None
-    n, p = design.n, design.p
-    with precision(dtype) as dt:
-        if theta is None and bucketed.eligible(fstats, layout):
-            opt, sol, satt = bucketed.fit(fstats, layout, reml, dt, theta0=user_theta(start),
-                                          maxiter=min(maxiter, 200))
-            satt = scale.satterthwaite(*satt)
-        else:
-            dev_stats = to_device(fstats, dt)
+    def fit_pass(st, theta0):
+        with precision(dtype) as dt:
+            if bucketed.eligible(st, layout):
+                if theta is None:
+                    o, s_, sa = bucketed.fit(st, layout, reml, dt, theta0=theta0, maxiter=min(maxiter, 200))
+                else:
+                    o, s_, sa = bucketed.at_theta(st, layout, reml, dt, user_theta(theta))
+                return o, s_, (sa if dt == np.float64 else None)
+            dev_stats = to_device(st, dt)
             if theta is None:
-                opt = minimize_theta(dev_stats, layout, reml, theta0=user_theta(start), maxiter=maxiter)
+                o = minimize_theta(dev_stats, layout, reml, theta0=theta0, maxiter=maxiter)
             else:
-                opt = evaluate_theta(dev_stats, layout, reml, user_theta(theta))
-            sol = solve(jax.device_put(np.asarray(opt.theta, dt)), dev_stats, layout, reml)
-            sol = jax.tree.map(np.asarray, sol)
+                o = evaluate_theta(dev_stats, layout, reml, user_theta(theta))
+            s_ = solve(jax.device_put(np.asarray(o.theta, dt)), dev_stats, layout, reml)
+            return o, jax.tree.map(np.asarray, s_), None
+
+    opt, sol, satt = fit_pass(fstats, user_theta(start))
+    # a second pass where β̂ still explains much of the (standardized) y: r² = Myy − zᵀz
+    # cancels there (a tiny σ), and y − Xβ̂ has the same criterion with nothing to cancel
+    beta1 = np.asarray(sol["beta"], float)
+    fit_part = Xs @ beta1
+    if fit_part @ fit_part > 1e4 * float(sol["r2"]):
+        y2 = ys - fit_part
+        st2 = {**fstats, **response_stats(sdesign, y2)}
+        if "R1" in fstats:
+            st2.update(within_stats(blocks[0], Xs, y2))
+        opt2, sol, satt = fit_pass(st2, opt.theta)
+        opt = dataclasses.replace(opt2, iterations=opt.iterations + opt2.iterations,
+                                  evaluations=opt.evaluations + opt2.evaluations)
+        scale = dataclasses.replace(scale, b0=scale.b0 + scale.s_y * scale.C @ beta1)
+    n, p = design.n, design.p
+    if satt is not None:
+        satt = scale.satterthwaite(*satt)
     sol = scale.solution(sol, n, p, reml)
     if tscale.any():
         sol = tscale.solution(sol, opt.theta, layout)
@@ -103,7 +123,7 @@ def lmer(formula: str, data: pd.DataFrame, reml: bool = True, *, dtype: str = "f
         opt = dataclasses.replace(opt, theta=layout.canonical(_check_theta(theta, layout)))
     opt = dataclasses.replace(opt, criterion=scale.criterion(opt.criterion, n, p, reml))
     m = LmerResult(design, stats, opt, sol, reml, data_name=getattr(data, "_lmmjax_name", None))
-    if satt is not None and dt == np.float64:
+    if satt is not None:
         m.set_satterthwaite(*satt)
     m.data = data  # a reference (not a copy), for refits such as compare()'s ML refits
     if warn:

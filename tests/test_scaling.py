@@ -94,7 +94,7 @@ def _design(kind, seed=3):
     raise ValueError(kind)
 
 
-KINDS = ["offset-x", "big-y", "tiny-y"]
+KINDS = ["offset-x", "big-y", "tiny-y", "tiny-sigma"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
