@@ -123,7 +123,9 @@ def lmer(formula: str, data: pd.DataFrame, reml: bool = True, *, dtype: str = "f
         opt = dataclasses.replace(opt, theta=layout.canonical(_check_theta(theta, layout)))
     opt = dataclasses.replace(opt, criterion=scale.criterion(opt.criterion, n, p, reml))
     m = LmerResult(design, stats, opt, sol, reml, data_name=getattr(data, "_lmmjax_name", None))
-    if satt is not None:
+    # (the evaluation's Satterthwaite derivatives are in the fit's θ coordinates: the same df
+    # at an optimum, where the gradient vanishes, but not at a caller's θ — computed later then)
+    if satt is not None and not (theta is not None and tscale.any()):
         m.set_satterthwaite(*satt)
     m.data = data  # a reference (not a copy), for refits such as compare()'s ML refits
     if warn:

@@ -182,7 +182,7 @@ class TermScale:
 
 def standardize_terms(blocks) -> tuple[list, TermScale]:
     """Blocks whose unstructured terms have their columns centred and scaled (when a column
-    is far from centred: |mean| > sd, or its scale is far from 1), and the
+    is far from centred: |mean| > 4 sd, or its scale is far from 1), and the
     :class:`TermScale` that maps the fit back."""
     new, Cs = [], []
     for b in blocks:
@@ -192,7 +192,7 @@ def standardize_terms(blocks) -> tuple[list, TermScale]:
             ones = np.flatnonzero(np.all(Zq == 1.0, axis=0))
             mean, sd = Zq.mean(axis=0), Zq.std(axis=0)
             others = np.array([j for j in range(Zq.shape[1]) if j not in set(ones[:1])], int)
-            if ones.size and others.size and np.any((np.abs(mean[others]) > sd[others]) | (sd[others] > 1e3)
+            if ones.size and others.size and np.any((np.abs(mean[others]) > 4 * sd[others]) | (sd[others] > 1e3)
                                                       | (sd[others] < 1e-3)):
                 i0 = ones[0]
                 sdo = np.where(sd > 0, sd, 1.0)
