@@ -2,9 +2,13 @@
 
 The pipeline mirrors lme4's ``lFormula -> mkLmerDevfun -> optimizeLmer -> mkMerMod``:
 :func:`~lmmjax.design.build_design` (formula and data),
-:func:`~lmmjax.design.design_stats` / :func:`~lmmjax.design.response_stats`
-(the cross-products the criterion needs), :func:`~lmmjax.optimize.minimize_theta`
-(jit-compiled criterion, L-BFGS, boundary checks) and :class:`~lmmjax.results.LmerResult`.
+:func:`~lmmjax.scaling.standardize` (the fit's X, y and random-effects columns, transformed
+back exactly afterwards), :func:`~lmmjax.design.design_stats` /
+:func:`~lmmjax.design.response_stats` (the cross-products the criterion needs), the fit —
+:func:`lmmjax.bucketed.fit` (programs compiled once per shape bucket, host Newton) for the
+usual structures, :func:`~lmmjax.optimize.minimize_theta` (compiled L-BFGS per design) for
+the rest — and :class:`~lmmjax.results.LmerResult`.  ``optinfo.hessian`` is in the fit's θ
+coordinates (the user's, unless a random-effects term was standardized).
 
 Precision: fits run in float64 inside ``jax.enable_x64(True)``, a context
 manager, so the global ``jax_enable_x64`` flag — and any float32 JAX code of
