@@ -13,15 +13,15 @@ from . import confint  # noqa: E402
 from .batch import BatchResult, lmer_batch  # noqa: E402
 from .compare import compare  # noqa: E402
 from .design import DataError  # noqa: E402
-from .formula import FormulaError  # noqa: E402
+from .formula import FormulaError, InputError  # noqa: E402
 from . import residual as cov  # noqa: E402
 from .gls import GroupedResult, gls  # noqa: E402
-from .model import lmer, precision
+from .model import FitError, lmer, precision
 from .optimize import ConvergenceWarning, SingularFitWarning
 from .results import LmerResult
 
 __version__ = "0.1.0"
 __all__ = [
-    "lmer", "lmer_batch", "gls", "cov", "GroupedResult", "BatchResult", "compare", "confint", "precision", "datasets", "LmerResult", "DataError", "FormulaError",
+    "lmer", "lmer_batch", "gls", "cov", "GroupedResult", "BatchResult", "compare", "confint", "precision", "datasets", "LmerResult", "DataError", "FormulaError", "InputError", "FitError",
     "ConvergenceWarning", "SingularFitWarning",
 ]

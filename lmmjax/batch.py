@@ -48,7 +48,7 @@ from .design import DataError, build_design, design_stats, masked_design_stats
 from .inference import (_satt_df_rows, contrast_matrix, dense_crossproducts,
                         kr_adjusted, kr_test, normalize_ddf, satterthwaite_test, t_columns, vcov_varpar)
 from .likelihood import Layout, criterion, factorize, objective
-from .optimize import PROBE_STEPS, SINGULAR_TOL, _probe_points
+from .optimize import DECREMENT_TOL, PROBE_STEPS, SINGULAR_TOL, _probe_points
 from .responses import ResponseMatrix, _is_anndata, from_anndata
 
 __all__ = ["lmer_batch", "BatchResult"]
@@ -571,7 +571,7 @@ class BatchResult:
     """Per-response results of :func:`lmer_batch` (Series/DataFrames indexed by response).
 
     Attributes: ``fixef``, ``theta`` (DataFrames), ``sigma``, ``loglik``, ``nobs``,
-    ``converged``, ``is_singular``, ``errors``, ``iterations`` (Newton iterations; Series); ``vcov`` (G × p × p array);
+    ``converged``, ``is_singular``, ``status``, ``errors``, ``iterations`` (Newton iterations; Series); ``vcov`` (G × p × p array);
     methods ``coef_table``, ``test``, ``anova``, ``varcorr``, ``to_anndata`` and
     ``res[name]`` for the full single-model result of one response.
     """
@@ -594,8 +594,13 @@ class BatchResult:
         b = design.layout.boundary()
         self.is_singular = pd.Series(ok & np.any(np.nan_to_num(theta[:, b], nan=1.0) < SINGULAR_TOL, axis=1),
                                      index=idx, name="singular")
-        self.converged = pd.Series(ok & self._converged(theta, fit["grad"], fit["hess"]), index=idx,
+        self.converged = pd.Series(ok & self._converged(theta, fit["grad"], fit["hess"], fit["criterion"]), index=idx,
                                    name="converged")
+        #: per response: "ok", "singular" (converged to a boundary fit), "not converged", or
+        #: "failed" (not fitted; ``errors`` says why)
+        self.status = pd.Series(np.where(~ok, "failed", np.where(~self.converged, "not converged",
+                                                                 np.where(self.is_singular, "singular", "ok"))),
+                                index=idx, name="status")
         self._fit = fit
         self._satt = None
         self._kr = None
@@ -608,16 +613,26 @@ class BatchResult:
         return (f"<BatchResult: {len(self)} responses of {self._formula!r} ({'REML' if self.reml else 'ML'}); "
                 f"{int(self.converged.sum())} converged, {int(self.is_singular.sum())} singular, {n_err} failed>")
 
-    def _converged(self, theta, grad, hess):
-        """max |gradient| over free parameters < 1e-3 and a positive definite Hessian there."""
+    def _converged(self, theta, grad, hess, crit):
+        """:func:`lmmjax.optimize.convergence_report` per response, vectorized: the
+        Hessian positive definite on the free parameters (per relative change of θ) and
+        the Newton decrement gᵀH⁻¹g below ``DECREMENT_TOL`` · max(1, |criterion|)."""
         b = self.design.layout.boundary()
         free = np.ones_like(theta, bool)
         free[:, b] = theta[:, b] > 0
-        gmax = np.max(np.where(free, np.abs(np.nan_to_num(grad, nan=np.inf)), 0.0), axis=1, initial=0.0)
+        finite = np.isfinite(crit) & np.all(np.isfinite(grad), axis=1) & np.all(np.isfinite(hess), axis=(1, 2))
         k = theta.shape[1]
+        g = np.where(free, np.nan_to_num(grad), 0.0)
         Hf = np.where(free[:, :, None] & free[:, None, :], np.nan_to_num(hess), 0.0)
         Hf = Hf + np.where(free, 0.0, 1.0)[:, :, None] * np.eye(k)
-        return (gmax < 1e-3) & np.all(np.linalg.eigvalsh(Hf) > 0, axis=1)
+        d = np.where(free, np.maximum(np.abs(np.nan_to_num(theta)), 1.0), 1.0)
+        Hs = Hf * d[:, :, None] * d[:, None, :]          # H in relative changes of θ
+        w, U = np.linalg.eigh(Hs)
+        scale = np.maximum(1.0, np.max(np.abs(Hs), axis=(1, 2)))
+        pd_ = np.all(w > 1e-10 * scale[:, None], axis=1)
+        wa = np.maximum(np.abs(w), 1e-8 * np.maximum(1.0, np.max(np.abs(w), axis=1, keepdims=True)))
+        dec = np.sum(np.einsum("gij,gi->gj", U, g * d) ** 2 / wa, axis=1)
+        return finite & pd_ & (dec < DECREMENT_TOL * np.maximum(1.0, np.abs(np.nan_to_num(crit))))
 
     # ------------------------------------------------------------ inference pieces
     def _satterthwaite(self):
@@ -875,7 +890,7 @@ def _progress_bar(total, enabled):
 
 def lmer_batch(formula: str, data=None, responses=None, reml: bool = True, *, names=None, layer=None,
                dtype: str = "float64", chunk_size: int | None = None, max_memory="2GB",
-               progress: bool = True, devices=None, client=None) -> BatchResult:
+               progress: bool = True, devices=None, client=None, checkpoint_dir=None) -> BatchResult:
     """Fit one linear mixed model to every response of a matrix.
 
     ``formula`` has no response: ``"~ condition + (1 | donor)"``.  ``data``: the
@@ -893,6 +908,11 @@ def lmer_batch(formula: str, data=None, responses=None, reml: bool = True, *, na
     precision; the per-response fits always run in float64, because the profiled criterion
     (~10³ in size) cannot resolve the optimum in float32 — fitting in float32 left half the
     responses unconverged (measured error of this option: benchmarks/README.md).
+
+    ``checkpoint_dir``: a folder where each finished chunk is written as it completes
+    (:mod:`lmmjax.checkpoint`); rerun with the same folder after an interruption and the
+    finished chunks are loaded, not refitted (results byte-identical to an uninterrupted
+    run); a folder written for other inputs is refused.
 
     Returns a :class:`BatchResult`.
     """
@@ -946,8 +966,8 @@ def lmer_batch(formula: str, data=None, responses=None, reml: bool = True, *, na
         full = ok & ~ch["masked"]
         shared_idx.append(cols[full])
         shared_stats.append(_take(ch["stats"], full))
-        if ch["masked"].any():
-            mk = ch["masked"]
+        if (ch["masked"] & ok).any():
+            mk = ch["masked"] & ok            # (a masked response already failed keeps its reason)
             dsm = masked_design_stats(design, ch["mask"][:, mk])
             prob = _masked_problems(design, dsm)
             good = np.array([m is None for m in prob])
@@ -994,30 +1014,50 @@ def lmer_batch(formula: str, data=None, responses=None, reml: bool = True, *, na
             bar.update(m)
 
     pad_to = _pad_sizes(chunks)
+    ckpt = None
+    if checkpoint_dir is not None:
+        from .checkpoint import Checkpoint
+
+        ckpt = Checkpoint(checkpoint_dir, chunks, dict(
+            formula=formula, reml=bool(reml), dtype=data_dtype, G=G, n=n,
+            pad_to={str(k): v for k, v in pad_to.items()}, theta0=theta0.tolist()))
+
+    def finish(i, ch, out):
+        if ckpt is not None:
+            ckpt.save(i, out)
+        store(ch, out)
+
+    todo = []
+    for i, ch in enumerate(chunks):
+        saved = ckpt.load(i) if ckpt is not None else None
+        if saved is not None:
+            store(ch, saved)
+        else:
+            todo.append((i, ch))
     try:
         if client is not None:
             futures = {}
-            for ch in chunks:
+            for i, ch in todo:
                 d, r = ch.padded(pad_to[ch.mapped])
                 fut = client.submit(_fit_chunk_task, theta0, d, r, layout, reml, ch.mapped, dtype, pure=False)
-                futures[fut] = ch
+                futures[fut] = (i, ch)
             from dask.distributed import as_completed
 
             for fut in as_completed(list(futures)):
-                store(futures[fut], fut.result())
+                finish(*futures[fut], jax.device_get(fut.result()))
         else:
             devs = _devices(devices)
             with precision(dtype) as dt:
                 pending = []
-                for i, ch in enumerate(chunks):
+                for j, (i, ch) in enumerate(todo):
                     d, r = ch.padded(pad_to[ch.mapped])
-                    pending.append((ch, _fit_chunk_arrays(theta0, d, r, layout, reml, ch.mapped, dt,
-                                                          devs[i % len(devs)])))
+                    pending.append((i, ch, _fit_chunk_arrays(theta0, d, r, layout, reml, ch.mapped, dt,
+                                                             devs[j % len(devs)])))
                     if len(pending) >= len(devs):   # one chunk in flight per device
-                        c0, o0 = pending.pop(0)
-                        store(c0, jax.device_get(o0))
-                for c0, o0 in pending:
-                    store(c0, jax.device_get(o0))
+                        i0, c0, o0 = pending.pop(0)
+                        finish(i0, c0, jax.device_get(o0))
+                for i0, c0, o0 in pending:
+                    finish(i0, c0, jax.device_get(o0))
     finally:
         if bar is not None:
             bar.close()

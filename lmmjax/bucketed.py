@@ -42,10 +42,14 @@ from .likelihood import Layout, criterion, dense_rest, eliminate_first, finish_f
 
 __all__ = ["bucket", "eligible", "bucket_stats", "factorize", "crit", "evaluate", "solve", "fit"]
 
-#: designs whose later terms have at most this many random effects (bucketed) use this engine;
-#: above it the evaluation (2k + 1 forward-mode passes over an ℓ₁ × q_r block) costs more
-#: than the layout engine's L-BFGS (100k rows, 1,000 × 100 crossed levels: 3.2 s vs 0.35 s warm)
+#: designs whose later terms have at most this many random effects (bucketed) use this engine,
+#: and so do those up to ``QR_MAX`` whose ℓ₁ × q_r block (bucketed) has at most
+#: ``BLOCK_MAX`` entries (nested designs: (1 | g/h) with 60 g's); beyond, the evaluation
+#: (2k + 1 forward-mode passes over an ℓ₁ × q_r block) costs more than the layout
+#: engine's L-BFGS (100k rows, 1,000 × 100 crossed levels: 3.2 s vs 0.35 s warm)
 SMALL_QR_MAX = 32
+QR_MAX = 256
+BLOCK_MAX = 1 << 15
 #: the smallest θ and fixed-effect buckets (most models have k, p ≤ 4: one bucket)
 K_MIN = 4
 
@@ -68,7 +72,9 @@ def _entries(s):
 def eligible(stats: dict, layout: Layout) -> bool:
     """Dense (not sparse) statistics, template structures, a small later-terms block."""
     return ("tr_j" not in stats and all(_entries(s) is not None for s in layout.structures)
-            and (layout.q_rest == 0 or bucket(layout.q_rest, 8) <= SMALL_QR_MAX))
+            and (layout.q_rest == 0 or bucket(layout.q_rest, 8) <= SMALL_QR_MAX
+                 or (bucket(layout.q_rest, 8) <= QR_MAX
+                     and bucket(layout.q_rest, 8) * bucket(layout.n_levels[0], 8) <= BLOCK_MAX)))
 
 
 def _pad(a, shape, fill=0.0):
@@ -93,6 +99,8 @@ def bucket_stats(stats: dict, layout: Layout) -> dict:
         S.update(R1=_pad(stats["R1"], (l1b, q1, q1)), A1X=_pad(stats["A1X"], (l1b, q1, pb)),
                  A1y=_pad(stats["A1y"], (l1b, q1)), WXX=WXX, WXy=_pad(stats["WXy"], (pb,)),
                  Wyy=np.asarray(stats["Wyy"], float))
+    S["canon"] = _pad(_canon_index(layout), (kb,)).astype(np.int32)
+    S["canon"][k:] = np.arange(k, kb)
     e1 = _entries(layout.structures[0])
     m1 = q1 * (q1 + 1) // 2
     S["t1_i"] = _pad(np.array([r * q1 + c for r, c, _ in e1], np.int32), (m1,))
@@ -121,6 +129,21 @@ def bucket_stats(stats: dict, layout: Layout) -> dict:
             S.update(lr_r=_pad(rows, (er,)), lr_c=_pad(cols, (er,)), lr_t=_pad(idx, (er,)),
                      lr_w=_pad(np.ones(rows.size), (er,)))
     return S
+
+
+def _canon_index(layout: Layout) -> np.ndarray:
+    """For each θ entry, the entry on the diagonal of its template column: the canonical
+    form flips a column whose diagonal is negative (ΛΛᵀ is unchanged)."""
+    out, off = [], 0
+    for s in layout.structures:
+        e = _entries(s)
+        diag = {c: i for r, c, i in e if r == c}
+        col = {}
+        for r, c, i in e:
+            col.setdefault(i, c)
+        out.extend(off + diag[col[i]] for i in range(s.n_params))
+        off += s.n_params
+    return np.asarray(out, np.int32)
 
 
 def factorize(theta, S):
@@ -185,6 +208,28 @@ def _first_derivatives(t, S, reml: bool):
     return val, J, M, dM, RXi, z
 
 
+def _value_grad_hess(theta, S, reml: bool):
+    """c(θ), ∇c, ∇²c as in :func:`evaluate`, from the derivatives of (a, r²) alone
+    (the Newton iterations: no ∂M, no solution)."""
+    k = theta.shape[0]
+    h = float(np.finfo(theta.dtype).eps) ** (1 / 3) * jnp.maximum(1.0, jnp.abs(theta))
+    E = jnp.eye(k, dtype=theta.dtype) * h[None, :]
+    pts = jnp.concatenate([theta[None], theta + E, theta - E])
+
+    def ar(t_):
+        f = factorize(t_, S)
+        return jnp.stack([f["logdet_z"] + f["logdet_x"] if reml else f["logdet_z"], f["r2"]])
+
+    val, J = jax.lax.map(lambda t: (ar(t), jax.jacfwd(ar)(t)), pts)
+    val, Jpm, J = val[0], J[1:], J[0]
+    dJ = (Jpm[:k] - Jpm[k:]) / (2.0 * h[:, None, None])
+    Ha, Hr = _sym(dJ[:, 0, :]), _sym(dJ[:, 1, :])
+    a, r2 = val[0], val[1]
+    nu = _nu(S, reml)
+    crit_val = a + nu * (1.0 + jnp.log(2.0 * math.pi * r2 / nu))
+    return crit_val, J[0] + nu / r2 * J[1], Ha + nu / r2 * Hr - nu / r2**2 * jnp.outer(J[1], J[1])
+
+
 @partial(jax.jit, static_argnames=("reml",))
 def evaluate(theta, S, reml: bool):
     """c(θ), ∇c, ∇²c, β̂, σ̂², Var(β̂) and the Satterthwaite derivatives at θ.
@@ -234,6 +279,105 @@ def crit_many(thetas, S, reml: bool):
     """The criterion at each row of ``thetas`` (one dispatch; a sequential map, since
     vmapped LAPACK calls have hung XLA-CPU)."""
     return jax.lax.map(lambda t: criterion(factorize(t, S), S["n"], S["p"], reml), thetas)
+
+
+def _canonical(theta, S):
+    return theta * jnp.where(theta[S["canon"]] < 0, -1.0, 1.0).astype(theta.dtype)
+
+
+def _newton_step(g, H):
+    """:func:`lmmjax.optimize._newton_step` in the program: the Newton step with H's
+    eigenvalues replaced by their floored absolute values, and whether H is PD."""
+    w, U = jnp.linalg.eigh(H)
+    pd = jnp.all(w > 0)
+    w = jnp.maximum(jnp.abs(w), 1e-8 * jnp.maximum(1.0, jnp.max(jnp.abs(w))))
+    return -U @ ((U.T @ g) / w), pd
+
+
+@partial(jax.jit, static_argnames=("reml",))
+def newton(theta0, grid, use_grid, free, maxiter, S, reml: bool):
+    """The damped Newton iterations of :func:`lmmjax.optimize._host_newton` as one
+    program (one dispatch per fit instead of one per evaluation).
+
+    From ``theta0`` (or the best row of ``grid`` when ``use_grid``), with the entries
+    outside ``free`` (and the padded ones) held fixed: try the full Newton step with a
+    complete :func:`evaluate`, else backtrack on the criterion alone; stop on the Newton
+    decrement < 1e-13 · max(1, |f|), after one polishing step at a PD Hessian.
+
+    The loop evaluates exactly one candidate per pass (one traced copy of
+    :func:`evaluate`: compile time), in one of three modes: 0 — accept (the start, or
+    the point a backtracking search found), 1 — a full Newton step, accepted on
+    sufficient decrease, 2 — the polishing step, accepted when f stays within round-off
+    and |g| falls.  Returns (θ, :func:`evaluate_packed` at θ with g and H masked,
+    Newton steps, evaluations of :func:`evaluate`, evaluations of the criterion)."""
+    dt = theta0.dtype
+
+    def crit1(t):
+        return criterion(factorize(t, S), S["n"], S["p"], reml)
+
+    def mask(g, H):
+        return (jnp.where(free, g, 0.0),
+                jnp.where(free[:, None] & free[None, :], H, 0.0) + jnp.diag(jnp.where(free, 0.0, 1.0)))
+
+    start = jax.lax.cond(use_grid, lambda: grid[jnp.argmin(jnp.nan_to_num(jax.lax.map(crit1, grid), nan=jnp.inf))],
+                         lambda: theta0)
+    kb = theta0.shape[0]
+
+    def cond(c):
+        mode, stop, it = c[6], c[7], c[8]
+        return (~stop) & ~((mode == 1) & (it > maxiter))
+
+    def body(c):
+        theta, f, g, H, pk, cand, mode, _, it, nv, nc, step, dec = c
+        e = evaluate.__wrapped__(cand, S, reml)
+        gt, Ht = mask(e["g"], e["H"])
+        ft = e["f"]
+        pkt = jnp.concatenate([jnp.ravel(dict(e, g=gt, H=Ht)[key]) for key in _PACKED])
+        tol = 1e-13 * jnp.maximum(1.0, jnp.abs(f))
+        gmax = jnp.max(jnp.abs(g))
+        fin = jnp.isfinite(ft)
+        accept = jnp.where(mode == 0, True,
+                           jnp.where(mode == 1, fin & (ft <= f - 1e-4 * dec),
+                                     fin & (ft <= f + tol) & (jnp.max(jnp.abs(gt)) < gmax)))
+        theta, f, g, H, pk = jax.tree.map(lambda x, y: jnp.where(accept, x, y),
+                                          (cand, ft, gt, Ht, pkt), (theta, f, g, H, pk))
+        search = (mode == 1) & ~accept
+
+        def backtrack(_):
+            def lcond(s):
+                return (~s[2]) & (s[1] < 30)
+
+            def lbody(s):
+                alpha, j, _ = s
+                fa = crit1(theta + alpha * step)
+                ok = jnp.isfinite(fa) & (fa <= f - 1e-4 * alpha * dec)
+                return jnp.where(ok, alpha, 0.5 * alpha), j + 1, ok
+
+            alpha, j, ok = jax.lax.while_loop(lcond, lbody, (jnp.asarray(0.5, dt), 0, jnp.asarray(False)))
+            return ok, j, _canonical(theta + alpha * step, S)
+
+        found, j, tb = jax.lax.cond(search, backtrack, lambda _: (jnp.asarray(False), 0, theta), None)
+        # the next candidate: after an accepted point, the Newton step from it
+        nstep, pd = _newton_step(g, H)
+        ndec = -(g @ nstep)
+        small = ndec < 1e-13 * jnp.maximum(1.0, jnp.abs(f))
+        polish = small & pd & (jnp.max(jnp.abs(g)) > 1e-9)
+        newton_next = (mode != 2) & ~search
+        cand = jnp.where(search, tb, _canonical(theta + nstep, S))
+        nmode = jnp.where(search, 0, jnp.where(small, 2, 1))
+        stop = (mode == 2) | (search & ~found) | (newton_next & small & ~polish)
+        step = jnp.where(newton_next, nstep, step)
+        dec = jnp.where(newton_next, ndec, dec)
+        it = it + (newton_next & ~small)
+        return theta, f, g, H, pk, cand, nmode, stop, it, nv + 1, nc + j, step, dec
+
+    inf = jnp.asarray(jnp.inf, dt)
+    zeros = jnp.zeros(kb, dt)
+    pk0 = jnp.zeros(jax.eval_shape(lambda t: evaluate_packed.__wrapped__(t, S, reml), theta0).shape, dt)
+    init = (theta0, inf, zeros, jnp.eye(kb, dtype=dt), pk0, _canonical(start, S), 0, jnp.asarray(False), 0, 0,
+            jnp.where(use_grid, grid.shape[0], 0), zeros, jnp.zeros((), dt))
+    theta, f, g, H, pk, _, _, _, it, nv, nc, _, _ = jax.lax.while_loop(cond, body, init)
+    return theta, pk, it, nv, nc
 
 
 #: the order in which :func:`evaluate_packed` concatenates its outputs
@@ -290,7 +434,9 @@ def _unpad_solution(sol: dict, layout: Layout, p: int) -> dict:
 
 def _device_stats(stats: dict, layout: Layout, dtype):
     host = bucket_stats(stats, layout)
-    S = jax.device_put({key: v if np.issubdtype(v.dtype, np.integer) else v.astype(dtype) for key, v in host.items()})
+    # host arrays: jit's dispatch moves them (cheaper than one device_put per array; on a
+    # CPU the programs read them in place)
+    S = {key: v if np.issubdtype(v.dtype, np.integer) else np.asarray(v, dtype) for key, v in host.items()}
     return S, bucket(layout.n_theta, K_MIN), host["XX"].shape[0]
 
 
@@ -329,7 +475,7 @@ def fit(stats: dict, layout: Layout, reml: bool, dtype, theta0=None, maxiter: in
 
     def pad(t):
         t = np.atleast_2d(np.asarray(t, float))
-        return jax.device_put(np.concatenate([t, np.zeros((t.shape[0], kb - k))], axis=1).astype(dtype))
+        return np.concatenate([t, np.zeros((t.shape[0], kb - k))], axis=1).astype(dtype)
 
     def crit_(t):
         # always CRIT_ROWS points (one program shape; the start grid and the probes fill it)
@@ -344,7 +490,22 @@ def fit(stats: dict, layout: Layout, reml: bool, dtype, theta0=None, maxiter: in
         satt = (ev["satt_H"][np.ix_(keep, keep)], ev["satt_dM"][:p, :p][..., keep], ev["satt_M"][:p, :p])
         return float(ev["f"]), ev["g"][:k], ev["H"][:k, :k], satt
 
-    opt, satt = newton_minimize(crit_, vgh, layout, theta0, maxiter, START_SCALES, "Newton", batched=True)
+    grid = np.resize(np.outer(START_SCALES, layout.init_theta()), (CRIT_ROWS, k))
+
+    def inner(theta, free, left):
+        use_grid = theta is None
+        t0 = grid[0] if use_grid else np.asarray(theta, float)
+        fr = np.zeros(kb, bool)
+        fr[:k] = free
+        out = jax.device_get(newton(pad(t0)[0], pad(grid), use_grid, fr, np.int32(left), S, reml))
+        theta, packed, it, nv, nc = out
+        ev = _unpack(np.asarray(packed, float), kb, pb)
+        satt = (ev["satt_H"][np.ix_(keep, keep)], ev["satt_dM"][:p, :p][..., keep], ev["satt_M"][:p, :p])
+        return (np.asarray(theta, float)[:k], float(ev["f"]), ev["g"][:k], ev["H"][:k, :k], satt,
+                int(it), int(nv), int(nc))
+
+    opt, satt = newton_minimize(crit_, vgh, layout, theta0, maxiter, START_SCALES, "Newton", batched=True,
+                                inner=inner)
     sol = _unpad_solution(jax.device_get(solve(pad(opt.theta)[0], S, reml)), layout, p)
     sol["Ts"] = layout.factors_host(np.asarray(opt.theta, float))
     return opt, sol, satt

@@ -251,7 +251,8 @@ def simulate(m, nsim: int, seed=None) -> np.ndarray:
     b ~ N(0, σ̂²ΛΛᵀ), ε ~ N(0, σ̂²).  Returns an (n, nsim) array."""
     rng = np.random.default_rng(seed)
     n = m.nobs
-    Y = np.repeat((m.design.X @ m.fixef.to_numpy())[:, None], nsim, axis=1)
+    off = 0.0 if m.design.offset is None else m.design.offset
+    Y = np.repeat((m.design.X @ m.fixef.to_numpy() + off)[:, None], nsim, axis=1)
     for blk, T in zip(m.design.blocks, m._Ts):
         u = rng.standard_normal((nsim, blk.n_levels, blk.q)) * m.sigma
         b = u @ T.T                                      # (nsim, levels, q)
@@ -270,6 +271,8 @@ def _bootstrap(m, level, nsim, seed):
     from .results import LmerResult
 
     Y = simulate(m, nsim, seed)
+    if m.design.offset is not None:     # the fits see the working response y − offset
+        Y = Y - m.design.offset[:, None]
     dstats = {k: v for k, v in m.stats.items() if k not in ("Z1y", "Zry", "Xy", "yy")}
     rs = response_stats(m.design, Y)
     names = varpar_names(m) + list(m.fixef.index)

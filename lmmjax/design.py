@@ -28,13 +28,14 @@ from formulaic import Formula, model_matrix
 from formulaic.transforms import C
 
 from .covariance import make_structure
-from .formula import ParsedFormula, RandomTerm, parse_formula
+from .formula import InputError, ParsedFormula, RandomTerm, parse_formula
 from .likelihood import Layout
 
-__all__ = ["Design", "RandomBlock", "build_design", "design_stats", "response_stats", "level_index", "DataError"]
+__all__ = ["Design", "RandomBlock", "build_design", "design_stats", "response_stats", "level_index", "DataError",
+           "offset_values", "check_response_varies"]
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """The data cannot be used with the formula (missing column, bad values, …)."""
 
 
@@ -45,9 +46,10 @@ FORMULA_CONTEXT = {"factor": C}
 
 def r_name(name: str) -> str:
     """formulaic column name -> R's: ``Intercept`` -> ``(Intercept)``,
-    ``Sex[T.Female]`` -> ``SexFemale``, ``A[b]`` -> ``Ab``."""
+    ``Sex[T.Female]`` -> ``SexFemale``, ``A[b]`` -> ``Ab``, ``I(x ** 2)`` -> ``I(x^2)``."""
     if name == "Intercept":
         return "(Intercept)"
+    name = re.sub(r"\s*\*\*\s*", "^", name)      # I(x ** 2) -> I(x^2), as R deparses it
     return ":".join(re.sub(r"^(.*?)\[(?:T\.)?(.*)\]$", r"\1\2", part) for part in name.split(":"))
 
 
@@ -64,6 +66,9 @@ class RandomBlock:
     structure: object       # covariance structure
     level_codes: dict = field(default_factory=dict)  # per factor column: value -> code
     used_codes: np.ndarray = None  # combined code of each level (for mapping new data)
+    # the sparse Z block (:func:`_term_Z`); not an init field, so dataclasses.replace
+    # (new Zq) starts without it
+    _Z: object = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def group(self) -> str:
@@ -92,6 +97,8 @@ class Design:
     response_name: str
     x_keep: np.ndarray        # columns of the formulaic model matrix kept after rank checks
     frame: pd.DataFrame = None  # the used rows and columns of the data (for contrasts)
+    offset: np.ndarray = None   # the sum of the formula's offset(...) terms (None: none);
+    #                             y above is the working response, the response minus it
 
     @property
     def n(self) -> int:
@@ -112,10 +119,14 @@ class Design:
 
 
 def _term_Z(b: RandomBlock) -> sp.csr_matrix:
-    n, q = b.Zq.shape
-    rows = np.repeat(np.arange(n), q)
-    cols = (b.index[:, None] * q + np.arange(q)[None, :]).ravel()
-    return sp.csr_matrix((b.Zq.ravel(), (rows, cols)), shape=(n, b.n_levels * q))
+    """The term's sparse n × ℓq block of Z (built once per block: a fit's statistics
+    use it several times)."""
+    if b._Z is None:
+        n, q = b.Zq.shape
+        rows = np.repeat(np.arange(n), q)
+        cols = (b.index[:, None] * q + np.arange(q)[None, :]).ravel()
+        b._Z = sp.csr_matrix((b.Zq.ravel(), (rows, cols)), shape=(n, b.n_levels * q))
+    return b._Z
 
 
 # ---------------------------------------------------------------- helpers
@@ -125,10 +136,130 @@ def _variables_cached(expr: str) -> frozenset:
 
 
 def _variables(expr: str) -> set[str]:
+    # formulaic reads `a.b` as the attribute b of a: quoted names are taken out first
+    quoted = re.findall(r"`([^`]+)`", expr)
+    plain = re.sub(r"`[^`]+`", "_lmmjax_quoted_", expr)
     try:
-        return set(_variables_cached(expr)) - set(FORMULA_CONTEXT)
+        found = set(_variables_cached(plain)) - set(FORMULA_CONTEXT) - {"_lmmjax_quoted_"}
     except Exception as exc:
         raise DataError(f"cannot parse {expr!r}: {exc}") from None
+    return found | set(quoted)
+
+
+def _as_factor_in(expr: str, name: str) -> bool:
+    """Whether ``name`` is wrapped in ``C(...)``/``factor(...)`` in ``expr`` (then a
+    column of numbers stored as text is meant as a factor)."""
+    q = re.escape(name)
+    return re.search(rf"(?:\bC|\bfactor)\(\s*`?{q}`?\s*[,)]", expr) is not None
+
+
+#: text columns of integer codes with at most this many distinct values are factors (as R
+#: reads a character column, e.g. InstEval's service "0"/"1"); more, or any non-integer,
+#: means numbers stored as text
+TEXT_CODES_MAX = 20
+
+
+def _check_predictor_columns(names, data: pd.DataFrame, exprs: str) -> None:
+    """Column types that would silently become something else: dates (formulaic
+    multiplies them), numbers stored as text or as Python objects (they would become a
+    factor with one level per distinct value)."""
+    for v in sorted(names):
+        col = data[v]
+        dt = col.dtype
+        if pd.api.types.is_datetime64_any_dtype(dt) or pd.api.types.is_timedelta64_dtype(dt):
+            raise DataError(
+                f"column {v!r} holds dates/times ({dt}); a model needs numbers: convert it, e.g. "
+                f"data[{v!r}] = (data[{v!r}] - data[{v!r}].min()).dt.days (days since the first), "
+                f"or to a category with .astype('category')")
+        if not (dt == object or pd.api.types.is_string_dtype(dt)) or isinstance(dt, pd.CategoricalDtype) \
+                or _as_factor_in(exprs, v):
+            continue
+        vals = col.dropna()
+        if not len(vals):
+            continue
+        is_str = vals.map(lambda x: isinstance(x, str))
+        is_num = vals.map(lambda x: isinstance(x, (int, float, np.integer, np.floating))
+                          and not isinstance(x, (bool, np.bool_)))
+        nums = pd.to_numeric(vals, errors="coerce")
+        if not nums.notna().all():
+            continue                                   # labels: a factor, as in R
+        if is_num.all():
+            kind = "Python number objects"
+        elif is_str.all() and ((nums != np.round(nums)).any() or nums.nunique() > TEXT_CODES_MAX):
+            kind = "text"
+        else:
+            continue                                   # a few integer codes as text: a factor
+        raise DataError(
+            f"column {v!r} holds numbers stored as {kind} (dtype {dt}), which would be used as a factor with "
+            f"{vals.nunique()} levels; convert it with data[{v!r}] = pd.to_numeric(data[{v!r}]) for a numeric "
+            f"predictor, or data[{v!r}].astype('category') (or factor({v}) in the formula) for a factor")
+
+
+def offset_values(exprs, data: pd.DataFrame) -> np.ndarray:
+    """The sum of the formula's ``offset(expr)`` terms on ``data``: each ``expr`` is
+    arithmetic on columns, as in R (``offset(2 * log(n))`` is 2·log n, not a formula)."""
+    total = np.zeros(len(data))
+    for o in exprs:
+        if _NAME.match(o) and o in data.columns:
+            v = np.asarray(data[o], dtype=float) if pd.api.types.is_numeric_dtype(data[o]) else None
+        else:
+            try:
+                v = np.asarray(model_matrix(f"0 + I({o})", data, na_action="ignore", context=FORMULA_CONTEXT), float)
+                v = v[:, 0] if v.shape[1] == 1 else None
+            except Exception as exc:
+                raise DataError(f"cannot evaluate offset({o}): {exc}") from None
+        if v is None:
+            raise DataError(f"offset({o}) must be numeric")
+        if not np.all(np.isfinite(v)):
+            i = int(np.flatnonzero(~np.isfinite(v))[0])
+            raise DataError(f"offset({o}) is not finite in row {_label(data.index[i])!r}")
+        total += v
+    return total
+
+
+def _constant_message(v) -> str:
+    return (f"the response is constant (every observed value is {float(v):g}): there is no variation "
+            "to fit; drop it (e.g. genes not expressed in any cell)")
+
+
+def response_faults(X: np.ndarray, Yc: np.ndarray) -> np.ndarray:
+    """Responses that cannot be fitted though every value is usable: constant ones, and
+    ones the fixed effects reproduce exactly (residual SD below 10⁴ round-offs of the
+    response's SD: σ̂ would be 0 and the criterion −∞).  Columns may hold NaN (not
+    observed); the exact-fit check uses complete columns only.  (c,) messages or None."""
+    bad = np.full(Yc.shape[1], None, object)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)      # all-NaN columns
+        lo, hi = np.nanmin(Yc, axis=0), np.nanmax(Yc, axis=0)
+    const = lo == hi
+    for j in np.flatnonzero(const):
+        bad[j] = _constant_message(lo[j])
+    full = ~const & ~np.isnan(Yc).any(axis=0)
+    if full.any() and X.shape[1]:
+        Yf = Yc[:, full] if not full.all() else Yc
+        Q, _ = np.linalg.qr(X.astype(Yf.dtype))
+        rss = np.sum((Yf - Q @ (Q.T @ Yf)) ** 2, axis=0)
+        tss = np.sum((Yf - Yf.mean(axis=0)) ** 2, axis=0)
+        eps = np.finfo(Yf.dtype).eps
+        exact = rss <= (1e4 * eps) ** 2 * tss
+        for j in np.flatnonzero(full)[exact]:
+            bad[j] = ("the fixed effects reproduce the response exactly (no residual variation): "
+                      "σ̂ would be 0; check that the response is not a covariate")
+    return bad
+
+
+def check_response_varies(design: "Design") -> None:
+    """A constant response, or one the fixed effects reproduce exactly, has no variance
+    to split (σ̂ = 0, the criterion −∞; round-off would report a finite nonsense): say so."""
+    y = design.y
+    name = design.response_name or "the response"
+    off = " after subtracting the offset" if design.offset is not None else ""
+    if y.size and np.ptp(y) == 0:
+        raise DataError(f"response {name!r} is constant ({_label(y[0])!r} in all {y.size} used rows{off}): "
+                        "there is no variation for the model to explain")
+    fault = response_faults(design.X, y[:, None])[0]
+    if fault is not None:
+        raise DataError(f"response {name!r}{off}: {fault}")
 
 
 def _label(x):
@@ -206,6 +337,66 @@ def _model_matrix(rhs: str, data: pd.DataFrame, where: str):
     return mm
 
 
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _simple_matrix(rhs: str, data: pd.DataFrame):
+    """(matrix, R column names) for a right-hand side of numeric columns, ``1`` and
+    ``0``/``-1`` joined by ``+`` — the common case (``Days``, ``0 + x``, ``1 + x + z``),
+    built directly in the column order formulaic gives it; None for anything else (then
+    formulaic builds it).  Saves formulaic's parse and materialization on every fit."""
+    intercept, cols = True, []
+    for tok in (t.strip() for t in rhs.split("+")):
+        if tok == "1":
+            continue
+        if tok in ("0", "-1"):
+            intercept = False
+            continue
+        if len(tok) > 2 and tok[0] == tok[-1] == "`":
+            tok = tok[1:-1]
+        elif not _NAME.match(tok):
+            return None
+        if tok not in data.columns or tok in cols:
+            return None
+        dt = data[tok].dtype
+        if not (pd.api.types.is_numeric_dtype(dt) and not pd.api.types.is_bool_dtype(dt)) \
+                or isinstance(dt, pd.CategoricalDtype):
+            return None
+        cols.append(tok)
+    parts = ([np.ones(len(data))] if intercept else []) + [data[c].to_numpy(dtype=float) for c in cols]
+    X = np.column_stack(parts) if parts else np.zeros((len(data), 0))
+    return X, (["(Intercept)"] if intercept else []) + cols
+
+
+class _LazySpec:
+    """formulaic's ModelSpec of ``rhs`` on ``frame``, built on first use (predict,
+    contrasts) when the fit built the matrix itself (:func:`_simple_matrix`)."""
+
+    def __init__(self, rhs: str, frame: pd.DataFrame, where: str):
+        self._rhs, self._frame, self._where, self._spec = rhs, frame, where, None
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if self._spec is None:
+            self._spec = _model_matrix(self._rhs, self._frame, self._where).model_spec
+        return getattr(self._spec, name)
+
+
+def _matrix(rhs: str, df: pd.DataFrame, where: str):
+    """(float matrix, R column names, spec) of a right-hand side on the used rows."""
+    simple = _simple_matrix(rhs, df)
+    if simple is not None:
+        X, names = simple
+        if not np.all(np.isfinite(X)):
+            r, c = np.argwhere(~np.isfinite(X))[0]
+            raise DataError(f"{where} column {names[c]!r} has a non-finite value "
+                            f"(row {_label(df.index[r])!r}); remove or impute it")
+        return X, names, _LazySpec(rhs, df, where)
+    mm = _model_matrix(rhs, df, where)
+    return _as_float(mm, where, df.index), [r_name(c) for c in mm.columns], mm.model_spec
+
+
 def _drop_rank_deficient(X: np.ndarray, names: list[str], tol: float = 1e-7):
     """Drop columns that are (numerically) linear combinations of *earlier* columns,
     keeping the first of any dependent set like R's ``qr`` (lme4's ``chkRank.drop.cols``):
@@ -239,9 +430,10 @@ def _as_float(mm, where: str, data_index) -> np.ndarray:
 
 # ---------------------------------------------------------------- main
 def build_design(formula: str | ParsedFormula, data: pd.DataFrame, require_response: bool = True,
-                 structures: dict | None = None) -> Design:
+                 structures: dict | None = None, single_level_ok: tuple = ()) -> Design:
     """Bind a formula to data.  ``structures``: extra random-effect structure keywords
-    (see :func:`lmmjax.covariance.make_structure`)."""
+    (see :func:`lmmjax.covariance.make_structure`); ``single_level_ok``: grouping
+    factors allowed one level (gls's placeholder term)."""
     for k in structures or ():
         if not (isinstance(k, str) and k.isidentifier()):
             raise DataError(f"structure keywords must be names like 'ou', got {k!r}")
@@ -259,15 +451,25 @@ def build_design(formula: str | ParsedFormula, data: pd.DataFrame, require_respo
     if require_response and not pf.response:
         raise DataError("the formula has no response: write it as 'y ~ x + (1 | g)'")
     fixed_vars = _variables(pf.fixed)
+    offset_vars = set().union(*(_variables(f"I({o})") for o in pf.offset))
+    dup = sorted(set(data.columns[data.columns.duplicated()]))
+    if dup:
+        raise DataError(f"data has duplicate column names {dup}; rename them so each name is unique "
+                        "(e.g. data.columns = [...] or data.loc[:, ~data.columns.duplicated()])")
     _check_columns(resp_vars, data, f"the response {pf.response!r}")
     _check_columns(fixed_vars, data, "the fixed-effects part")
-    rand_vars = set()
+    for o in pf.offset:
+        _check_columns(_variables(f"I({o})"), data, f"offset({o})")
+    rand_vars, lhs_vars = set(), set()
     for t in pf.random:
         lv = _variables(t.lhs)
         _check_columns(lv, data, f"random-effects term {t}")
         _check_columns(t.factors, data, f"the grouping factor of {t}")
         rand_vars |= lv | set(t.factors)
-    used = sorted(resp_vars | fixed_vars | rand_vars, key=list(data.columns).index)
+        lhs_vars |= lv
+    _check_predictor_columns(fixed_vars | lhs_vars | offset_vars, data,
+                             " ".join([pf.fixed, *pf.offset, *(t.lhs for t in pf.random)]))
+    used = sorted(resp_vars | fixed_vars | rand_vars | offset_vars, key=list(data.columns).index)
     complete = data[used].notna().all(axis=1).to_numpy() if used else np.ones(n_data, bool)
     rows = np.flatnonzero(complete)
     if rows.size == 0:
@@ -283,8 +485,11 @@ def build_design(formula: str | ParsedFormula, data: pd.DataFrame, require_respo
         if pf.response in df.columns:
             ycol = df[pf.response]
             if not pd.api.types.is_numeric_dtype(ycol) or pd.api.types.is_bool_dtype(ycol):
+                hint = ""
+                if ycol.dtype == object and pd.to_numeric(ycol, errors="coerce").notna().all():
+                    hint = f" (numbers stored as text: convert with data[{pf.response!r}] = pd.to_numeric(data[{pf.response!r}]))"
                 raise DataError(
-                    f"response column {pf.response!r} must be numeric, got dtype {ycol.dtype}"
+                    f"response column {pf.response!r} must be numeric, got dtype {ycol.dtype}{hint}"
                 )
             y = ycol.to_numpy(dtype=float)
         else:
@@ -297,22 +502,22 @@ def build_design(formula: str | ParsedFormula, data: pd.DataFrame, require_respo
             raise DataError(f"response {pf.response!r} has a non-finite value in row {_label(df.index[i])!r}")
     else:
         y = np.zeros(len(df))
+    # --- offsets (R's offset(): known parts of the linear predictor); y becomes y − offset
+    offset = offset_values(pf.offset, df) if pf.offset else None
+    if offset is not None:
+        y = y - offset
     # --- fixed effects
-    xmm = _model_matrix(pf.fixed, df, "fixed-effects")
-    X = _as_float(xmm, "fixed-effects", df.index)
-    xnames = [r_name(c) for c in xmm.columns]
+    X, xnames, fixed_spec = _matrix(pf.fixed, df, "fixed-effects")
     X, xnames, dropped, x_keep = _drop_rank_deficient(X, xnames)
     # --- random effects
     blocks = []
     for t in pf.random:
-        zmm = _model_matrix(t.lhs, df, f"random-effects term {t}")
-        Zq = _as_float(zmm, f"random-effects term {t}", df.index)
+        Zq, colnames, zspec = _matrix(t.lhs, df, f"random-effects term {t}")
         labels, index, maps, used_codes = _factor_codes(df, t.factors)
-        colnames = [r_name(c) for c in zmm.columns]
         if Zq.shape[1] == 0:
             raise DataError(f"random-effects term {t} has no columns")
         blocks.append(RandomBlock(
-            term=t, levels=labels, index=index, Zq=Zq, colnames=colnames, spec=zmm.model_spec,
+            term=t, levels=labels, index=index, Zq=Zq, colnames=colnames, spec=zspec,
             structure=make_structure(t.structure, Zq.shape[1], structures), level_codes=maps,
             used_codes=used_codes,
         ))
@@ -323,6 +528,11 @@ def build_design(formula: str | ParsedFormula, data: pd.DataFrame, require_respo
         blocks = [blocks[i] for i in order]
     n = len(df)
     for b in blocks:
+        if b.n_levels < 2 and b.group not in single_level_ok:
+            raise DataError(
+                f"grouping factor {b.group!r} has a single level ({b.levels[0]!r}) in the {n} used rows: "
+                "a random effect needs at least two levels (lme4: grouping factors must have > 1 sampled "
+                "level); drop the term or check the data and missing values")
         if b.n_levels >= n:
             raise DataError(
                 f"number of levels of grouping factor {b.group!r} ({b.n_levels}) must be "
@@ -338,9 +548,9 @@ def build_design(formula: str | ParsedFormula, data: pd.DataFrame, require_respo
             )
     resp_name = pf.response
     return Design(
-        formula=pf, y=y, X=X, xnames=xnames, fixed_spec=xmm.model_spec, blocks=blocks,
+        formula=pf, y=y, X=X, xnames=xnames, fixed_spec=fixed_spec, blocks=blocks,
         rows=rows, n_data=n_data, dropped_columns=dropped, response_name=resp_name,
-        x_keep=x_keep, frame=df[used],
+        x_keep=x_keep, frame=df[used], offset=offset,
     )
 
 

@@ -23,13 +23,18 @@ from dataclasses import dataclass
 
 from formulaic import Formula
 
-__all__ = ["RandomTerm", "ParsedFormula", "parse_formula"]
+__all__ = ["RandomTerm", "ParsedFormula", "parse_formula", "InputError", "FormulaError"]
 
 #: keywords accepted as wrappers around a bar term, e.g. ``diag(1 + x | g)``
 STRUCTURE_KEYWORDS = ("us", "diag", "cs", "ar1", "homdiag", "homcs", "hetar1")
 
 
-class FormulaError(ValueError):
+class InputError(ValueError):
+    """Base of lmmjax's errors about what a user passed (formula, data, arguments):
+    ``except lmmjax.InputError`` catches every one of them."""
+
+
+class FormulaError(InputError):
     """The formula string cannot be parsed."""
 
 
@@ -62,6 +67,62 @@ class ParsedFormula:
     fixed: str
     random: tuple[RandomTerm, ...]
     text: str
+    offset: tuple[str, ...] = ()     # the expressions of offset(...) terms (R's offset)
+
+
+def _check_parens(formula: str) -> None:
+    """Point at the first unbalanced parenthesis."""
+    opened = []
+    for i, c in enumerate(formula):
+        if c == "(":
+            opened.append(i)
+        elif c == ")":
+            if not opened:
+                raise FormulaError(f"unbalanced parentheses: the ')' at position {i} has no matching '(':\n"
+                                   f"  {formula}\n  {' ' * i}^")
+            opened.pop()
+    if opened:
+        i = opened[-1]
+        raise FormulaError(f"unbalanced parentheses: the '(' at position {i} is never closed:\n"
+                           f"  {formula}\n  {' ' * i}^")
+
+
+def _outside_quotes(s: str, fn) -> str:
+    """Apply ``fn`` to the parts of ``s`` outside string literals and backtick-quoted names."""
+    parts = re.split(r"('[^']*'|\"[^\"]*\"|`[^`]*`)", s)
+    return "".join(p if k % 2 else fn(p) for k, p in enumerate(parts))
+
+
+def _r_power(s: str) -> str:
+    """R's ``^`` inside ``I(...)`` and ``offset(...)`` is a power; in Python (which
+    formulaic evaluates them with) it is XOR, so ``I(x^2)`` would silently fit
+    ``x XOR 2``: write it as ``**``."""
+    out, i = [], 0
+    for m in re.finditer(r"(?<![\w.])(?:I|offset)\s*\(", s):
+        if m.start() < i:
+            continue
+        close = _matching_paren(s, m.end() - 1)
+        out.append(s[i:m.end()])
+        out.append(s[m.end():close].replace("^", "**"))
+        i = close
+    out.append(s[i:])
+    return "".join(out)
+
+
+#: module prefixes whose dotted names are Python, not column names (np.log, np.pi)
+_MODULES = ("np", "numpy", "math", "pd", "scipy")
+
+
+def _quote_dotted(s: str) -> str:
+    """Column names with dots (``group.id``, common in R data) in backticks, so that
+    formulaic reads a name and not an attribute; calls (``np.log(x)``) and module
+    constants are left alone."""
+    def q(part):
+        def rep(m):
+            name = m.group(1)
+            return name if name.split(".")[0] in _MODULES else f"`{name}`"
+        return re.sub(r"(?<![\w.`])([A-Za-z_]\w*(?:\.\w+)+)(?![\w.`])(?!\s*\()", rep, part)
+    return _outside_quotes(s, q)
 
 
 def _matching_paren(s: str, i: int) -> int:
@@ -168,7 +229,9 @@ def parse_formula(formula: str, keywords: tuple[str, ...] = ()) -> ParsedFormula
         raise FormulaError(f"formula must be a string like 'y ~ x + (1 | g)', got {type(formula).__name__}")
     if formula.count("~") != 1:
         raise FormulaError(f"formula must contain exactly one '~': {formula!r}")
-    response, rhs = (s.strip() for s in formula.split("~"))
+    _check_parens(formula)
+    text = _quote_dotted(_r_power(formula))
+    response, rhs = (s.strip() for s in text.split("~"))
     rhs = rhs.strip()
     random: list[RandomTerm] = []
     # walk the rhs: extract (…|…) groups and keyword(…|…) groups at depth 0
@@ -206,10 +269,16 @@ def parse_formula(formula: str, keywords: tuple[str, ...] = ()) -> ParsedFormula
     fixed = "".join(buf)
     # tidy the "+" left behind by removed bar terms
     pieces = [p.strip() for p in _split_top(fixed, "+")]
+    offsets = tuple(m.group(1).strip() for m in (re.fullmatch(r"offset\s*\((.*)\)", p, re.S) for p in pieces) if m)
+    if any(not o for o in offsets):
+        raise FormulaError(f"offset() needs an expression, e.g. offset(log(exposure)): {formula!r}")
+    pieces = [p for p in pieces if not re.fullmatch(r"offset\s*\((.*)\)", p, re.S)]
+    if re.search(r"(?<![\w.])offset\s*\(", " + ".join(pieces)):
+        raise FormulaError(f"offset(...) must be a term of its own (added with +): {formula!r}")
     fixed = " + ".join(p for p in pieces if p)
     fixed = re.sub(r"\s*\+\s*-\s*", " - ", fixed)
     if not fixed:
         fixed = "1"
     if not response:
         response = ""
-    return ParsedFormula(response=response, fixed=fixed, random=tuple(random), text=formula)
+    return ParsedFormula(response=response, fixed=fixed, random=tuple(random), text=formula, offset=offsets)

@@ -40,7 +40,7 @@ import pandas as pd
 from ._cache import no_persistent_cache
 from ._compute import precision
 from ._linalg import gauss_jordan, spd_solve
-from .design import DataError, build_design
+from .design import DataError, build_design, check_response_varies
 from .inference import (_satt_df_rows, kr_adjusted, kr_test, normalize_ddf, t_columns, unprofiled_deviance,
                         vcov_varpar)
 from .likelihood import criterion
@@ -298,7 +298,9 @@ def fit_grouped(formula: str, data: pd.DataFrame, residual, reml: bool = True, d
     data = data.dropna(subset=cols) if cols else data
     has_bar = "|" in formula
     f = formula if has_bar else f"{formula} + (1 | {_ONE})"
-    design = build_design(f, data.assign(**{_ONE: "1"}) if not has_bar else data, structures=structures)
+    design = build_design(f, data.assign(**{_ONE: "1"}) if not has_bar else data, structures=structures,
+                          single_level_ok=() if has_bar else (_ONE,))
+    check_response_varies(design)
     frame = data.iloc[design.rows].reset_index(drop=True)
     codes = _residual_groups(design, frame, residual)
     arrays, m = _padded(design, frame, residual, codes)

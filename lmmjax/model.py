@@ -25,7 +25,8 @@ import pandas as pd
 
 from . import bucketed
 from ._compute import precision, to_device
-from .design import build_design, design_stats, response_stats, x_stats
+from .design import build_design, check_response_varies, design_stats, response_stats, x_stats
+from .formula import InputError
 from .likelihood import solve
 from .optimize import ConvergenceWarning, SingularFitWarning, evaluate_theta, minimize_theta
 from .results import LmerResult
@@ -67,6 +68,7 @@ def lmer(formula: str, data: pd.DataFrame, reml: bool = True, *, dtype: str = "f
 
         return fit_grouped(formula, data, residual, reml=reml, dtype=dtype, engine="lmer", structures=structures)
     design = build_design(formula, data, structures=structures)
+    check_response_varies(design)
     stats = {**design_stats(design), **response_stats(design, design.y)}
     # the fit runs on standardized X and y (lmmjax.scaling): exact on badly scaled data
     # and on centred, scaled columns of unstructured random-effects terms (a slope on a
@@ -126,6 +128,11 @@ def lmer(formula: str, data: pd.DataFrame, reml: bool = True, *, dtype: str = "f
     if theta is not None:
         opt = dataclasses.replace(opt, theta=layout.canonical(_check_theta(theta, layout)))
     opt = dataclasses.replace(opt, criterion=scale.criterion(opt.criterion, n, p, reml))
+    if not np.isfinite(opt.criterion):
+        raise FitError(
+            f"the {'REML' if reml else 'ML'} criterion is not finite at θ = {np.round(opt.theta, 6).tolist()}: "
+            "the fixed effects reproduce the response exactly (no residual variance) or the data hold "
+            "extreme values; check the response and the model")
     m = LmerResult(design, stats, opt, sol, reml, data_name=getattr(data, "_lmmjax_name", None))
     # (the evaluation's Satterthwaite derivatives are in the fit's θ coordinates: the same df
     # at an optimum, where the gradient vanishes, but not at a caller's θ — computed later then)
@@ -134,16 +141,23 @@ def lmer(formula: str, data: pd.DataFrame, reml: bool = True, *, dtype: str = "f
     m.data = data  # a reference (not a copy), for refits such as compare()'s ML refits
     if warn:
         if not m.converged:
-            warnings.warn(f"Model failed to converge: {opt.message}", ConvergenceWarning, stacklevel=2)
+            warnings.warn(f"Model failed to converge: {opt.message}. Try refitting from start=m.optinfo.theta, "
+                          "or centre and scale the predictors", ConvergenceWarning, stacklevel=2)
         if m.is_singular:
             warnings.warn("boundary (singular) fit: see lmmjax docs on is_singular",
                           SingularFitWarning, stacklevel=2)
     return m
 
 
+class FitError(InputError):
+    """The model cannot be fitted to these data (e.g. a response the fixed effects
+    reproduce exactly)."""
+
+
 def _check_theta(theta, layout):
     """A user's θ (start or fixed), checked."""
     theta = np.asarray(theta, float)
-    if theta.shape != (layout.n_theta,):
-        raise ValueError(f"start and theta must have {layout.n_theta} entries (lme4's θ order), got shape {theta.shape}")
+    if theta.shape != (layout.n_theta,) or not np.all(np.isfinite(theta)):
+        raise InputError(f"start and theta must have {layout.n_theta} finite entries (lme4's θ order), got "
+                         f"{theta.tolist() if theta.size <= 10 else f'shape {theta.shape}'}")
     return theta

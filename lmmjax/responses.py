@@ -9,11 +9,13 @@ missing values (NaN), its observation mask.
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .design import DataError, _term_Z
+from .design import DataError, _constant_message, _term_Z, response_faults
 
 __all__ = ["ResponseMatrix", "from_anndata"]
 
@@ -74,18 +76,23 @@ class ResponseMatrix:
         array of error messages or None).  Missing values (NaN) count as 0 in the
         products and are recorded in the mask; ±inf is an error for that response.
         """
+        off = design.offset
         if self.sparse:
             Yc = self.Y[:, cols]
             vals = Yc.data
-            if np.all(np.isfinite(vals)):
+            if np.all(np.isfinite(vals)) and off is None:
                 return dict(stats=_sparse_response_stats(design, Yc), mask=None,
-                            masked=np.zeros(len(cols), bool), bad=np.full(len(cols), None, object))
-            Yc = Yc.toarray()          # only a chunk with non-finite entries is densified
+                            masked=np.zeros(len(cols), bool), bad=_sparse_faults(Yc))
+            Yc = Yc.toarray()          # only a chunk with non-finite entries (or an offset) is densified
+            if off is not None:
+                Yc = Yc - off[:, None]
         else:
             cols = np.asarray(cols)
             contiguous = len(cols) > 0 and cols[-1] - cols[0] + 1 == len(cols) and np.all(np.diff(cols) == 1)
             # a run of columns is a view (fancy indexing would copy the whole chunk)
             Yc = np.asarray(self.Y[:, cols[0]: cols[-1] + 1] if contiguous else self.Y[:, cols], dtype=dtype)
+            if off is not None:             # the fits see the working response y − offset
+                Yc = Yc - off.astype(Yc.dtype)[:, None]
             from .design import response_stats
 
             with np.errstate(invalid="ignore", over="ignore"):
@@ -94,7 +101,7 @@ class ResponseMatrix:
             # overflowing to inf just takes the careful path below): no extra pass
             if np.isfinite(st["yy"]).all():            # the common case
                 return dict(stats=st, mask=None,
-                            masked=np.zeros(len(cols), bool), bad=np.full(len(cols), None, object))
+                            masked=np.zeros(len(cols), bool), bad=_dense_faults(design, Yc))
         Yc = np.asarray(Yc, dtype=float)
         nan = np.isnan(Yc)
         inf = np.isinf(Yc)
@@ -104,10 +111,33 @@ class ResponseMatrix:
         masked = nan.any(axis=0) & ~inf.any(axis=0)
         M = (~nan & ~inf).astype(float)
         Y0 = np.where(M > 0, Yc, 0.0)
+        finite = ~inf.any(axis=0)
+        if finite.any():                 # constant (or exactly fitted) among the observed values
+            sub = np.where(M[:, finite] > 0, Yc[:, finite], np.nan)
+            faults = _dense_faults(design, sub)
+            idx = np.flatnonzero(finite)
+            for j, msg in zip(idx, faults):
+                if msg is not None:
+                    bad[j] = msg
         from .design import response_stats
 
         return dict(stats=response_stats(design, Y0), mask=M if masked.any() else None,
                     masked=masked, bad=bad)
+
+
+def _dense_faults(design, Yc: np.ndarray) -> np.ndarray:
+    return response_faults(design.X, Yc)
+
+
+def _sparse_faults(Yc) -> np.ndarray:
+    """Constant columns of a sparse chunk (all zero: genes detected in no cell)."""
+    Yc = sp.csc_matrix(Yc)
+    lo = np.asarray(Yc.min(axis=0).toarray()).ravel()
+    hi = np.asarray(Yc.max(axis=0).toarray()).ravel()
+    bad = np.full(Yc.shape[1], None, object)
+    for j in np.flatnonzero(lo == hi):
+        bad[j] = _constant_message(lo[j])
+    return bad
 
 
 def _shifted_float32_stats(design, Yc: np.ndarray) -> dict:

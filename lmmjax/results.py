@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from .design import FORMULA_CONTEXT, DataError, Design, level_index
+from .design import FORMULA_CONTEXT, DataError, Design, level_index, offset_values
 from .formula import parse_formula
 from .inference import InferenceMixin
 from .optimize import OptimizeResult
@@ -150,15 +150,19 @@ class LmerResult(InferenceMixin):
             z += np.einsum("nq,nq->n", blk.Zq, b[blk.index])
         return z
 
+    def _offset(self) -> np.ndarray | float:
+        return 0.0 if self.design.offset is None else self.design.offset
+
     @property
     def fitted(self) -> np.ndarray:
-        """Conditional fitted values Xβ̂ + Zb̂ for the rows used in the fit, in data order."""
-        return self.design.X @ self.fixef.to_numpy() + self._re_contribution()
+        """Conditional fitted values Xβ̂ + Zb̂ (+ the offset) for the rows used in the fit,
+        in data order."""
+        return self.design.X @ self.fixef.to_numpy() + self._re_contribution() + self._offset()
 
     @property
     def residuals(self) -> np.ndarray:
         """Response minus conditional fitted values (rows used in the fit, data order)."""
-        return self.design.y - self.fitted
+        return self.design.y + self._offset() - self.fitted
 
     def predict(self, newdata: pd.DataFrame | None = None, re_form=None,
                 allow_new_levels: bool = False) -> np.ndarray:
@@ -172,7 +176,7 @@ class LmerResult(InferenceMixin):
         """
         groups = self._re_groups(re_form)
         if newdata is None:
-            out = self.design.X @ self.fixef.to_numpy()
+            out = self.design.X @ self.fixef.to_numpy() + self._offset()
             for blk, b in zip(self.design.blocks, self._b):
                 if blk.group in groups:
                     out = out + np.einsum("nq,nq->n", blk.Zq, b[blk.index])
@@ -184,6 +188,8 @@ class LmerResult(InferenceMixin):
         except Exception as exc:
             raise DataError(f"cannot build the fixed-effects matrix for newdata: {exc}") from None
         out = Xn[:, self.design.x_keep] @ self.fixef.to_numpy()
+        if self.design.formula.offset:     # offset(...) terms, evaluated on newdata
+            out = out + offset_values(self.design.formula.offset, newdata)
         for blk, b in zip(self.design.blocks, self._b):
             if blk.group not in groups:
                 continue
