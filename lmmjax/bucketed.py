@@ -24,9 +24,11 @@ tests/test_bucketed.py checks this against the unpadded criterion.
 One evaluation (:func:`evaluate`) gives the profiled criterion c(θ), its gradient and
 Hessian, β̂, Var(β̂) and lmerTest's Satterthwaite derivatives (the Hessian of the
 unprofiled deviance d(θ, σ) at σ̂ and ∂(XᵀV⁻¹X)/∂θ), from exact forward-mode first
-derivatives of log-determinants and r² at θ and θ ± hᵢeᵢ, so the host Newton
-(:func:`lmmjax.optimize.newton_minimize`) and ``summary()``'s
-Satterthwaite table need no other program.
+derivatives of log-determinants and r² at θ and θ ± hᵢeᵢ.  :func:`newton` runs the
+whole damped Newton on it inside one program and returns the solution too, so a fit is one
+dispatch (:func:`lmmjax.optimize.newton_minimize` adds boundary probes through
+:func:`crit_many`) and ``summary()``'s Satterthwaite table needs no other program.  REML is
+a traced 0/1 flag, not a static argument: REML and ML fits share the programs.
 """
 from __future__ import annotations
 
@@ -185,11 +187,13 @@ def _eliminate_first_sqrt(T1, S):
     return dict(LBi=LBi, RT=RT, cx=cx, cy=cy, T1=T1), Mxx, Mxy, Myy, logdet_z
 
 
-def _nu(S, reml: bool):
-    return S["n"] - S["p"] if reml else S["n"]
+def _nu(S, reml):
+    """ν = n − p (REML) or n (ML); ``reml`` is a traced 0/1 flag in these programs (REML and
+    ML fits of a bucket share them)."""
+    return S["n"] - S["p"] * reml
 
 
-@partial(jax.jit, static_argnames=("reml",))
+@jax.jit
 def crit(theta, S, reml: bool):
     """The profiled criterion at θ (line searches and boundary probes)."""
     return criterion(factorize(theta, S), S["n"], S["p"], reml)
@@ -200,7 +204,7 @@ def _first_derivatives(t, S, reml: bool):
     exact first derivatives in θ (forward mode)."""
     def ar(t_):
         f = factorize(t_, S)
-        a = f["logdet_z"] + f["logdet_x"] if reml else f["logdet_z"]
+        a = f["logdet_z"] + reml * f["logdet_x"]
         return jnp.stack([a, f["r2"]]), (f["Mxx"], f["RXi"], f["z"])
 
     J, (dM, _, _) = jax.jacfwd(ar, has_aux=False)(t)
@@ -208,29 +212,7 @@ def _first_derivatives(t, S, reml: bool):
     return val, J, M, dM, RXi, z
 
 
-def _value_grad_hess(theta, S, reml: bool):
-    """c(θ), ∇c, ∇²c as in :func:`evaluate`, from the derivatives of (a, r²) alone
-    (the Newton iterations: no ∂M, no solution)."""
-    k = theta.shape[0]
-    h = float(np.finfo(theta.dtype).eps) ** (1 / 3) * jnp.maximum(1.0, jnp.abs(theta))
-    E = jnp.eye(k, dtype=theta.dtype) * h[None, :]
-    pts = jnp.concatenate([theta[None], theta + E, theta - E])
-
-    def ar(t_):
-        f = factorize(t_, S)
-        return jnp.stack([f["logdet_z"] + f["logdet_x"] if reml else f["logdet_z"], f["r2"]])
-
-    val, J = jax.lax.map(lambda t: (ar(t), jax.jacfwd(ar)(t)), pts)
-    val, Jpm, J = val[0], J[1:], J[0]
-    dJ = (Jpm[:k] - Jpm[k:]) / (2.0 * h[:, None, None])
-    Ha, Hr = _sym(dJ[:, 0, :]), _sym(dJ[:, 1, :])
-    a, r2 = val[0], val[1]
-    nu = _nu(S, reml)
-    crit_val = a + nu * (1.0 + jnp.log(2.0 * math.pi * r2 / nu))
-    return crit_val, J[0] + nu / r2 * J[1], Ha + nu / r2 * Hr - nu / r2**2 * jnp.outer(J[1], J[1])
-
-
-@partial(jax.jit, static_argnames=("reml",))
+@jax.jit
 def evaluate(theta, S, reml: bool):
     """c(θ), ∇c, ∇²c, β̂, σ̂², Var(β̂) and the Satterthwaite derivatives at θ.
 
@@ -274,7 +256,7 @@ def _sym(H):
     return 0.5 * (H + H.T)
 
 
-@partial(jax.jit, static_argnames=("reml",))
+@jax.jit
 def crit_many(thetas, S, reml: bool):
     """The criterion at each row of ``thetas`` (one dispatch; a sequential map, since
     vmapped LAPACK calls have hung XLA-CPU)."""
@@ -294,7 +276,7 @@ def _newton_step(g, H):
     return -U @ ((U.T @ g) / w), pd
 
 
-@partial(jax.jit, static_argnames=("reml",))
+@jax.jit
 def newton(theta0, grid, use_grid, free, maxiter, S, reml: bool):
     """The damped Newton iterations of :func:`lmmjax.optimize._host_newton` as one
     program (one dispatch per fit instead of one per evaluation).
@@ -309,7 +291,8 @@ def newton(theta0, grid, use_grid, free, maxiter, S, reml: bool):
     the point a backtracking search found), 1 — a full Newton step, accepted on
     sufficient decrease, 2 — the polishing step, accepted when f stays within round-off
     and |g| falls.  Returns (θ, :func:`evaluate_packed` at θ with g and H masked,
-    Newton steps, evaluations of :func:`evaluate`, evaluations of the criterion)."""
+    Newton steps, evaluations of :func:`evaluate`, evaluations of the criterion,
+    :func:`solve` at θ).  ``reml`` is a traced flag: REML and ML share the program."""
     dt = theta0.dtype
 
     def crit1(t):
@@ -377,14 +360,14 @@ def newton(theta0, grid, use_grid, free, maxiter, S, reml: bool):
     init = (theta0, inf, zeros, jnp.eye(kb, dtype=dt), pk0, _canonical(start, S), 0, jnp.asarray(False), 0, 0,
             jnp.where(use_grid, grid.shape[0], 0), zeros, jnp.zeros((), dt))
     theta, f, g, H, pk, _, _, _, it, nv, nc, _, _ = jax.lax.while_loop(cond, body, init)
-    return theta, pk, it, nv, nc
+    return theta, pk, it, nv, nc, solve.__wrapped__(theta, S, reml)
 
 
 #: the order in which :func:`evaluate_packed` concatenates its outputs
 _PACKED = ("f", "g", "H", "beta", "sigma2", "vcov", "satt_H", "satt_dM", "satt_M")
 
 
-@partial(jax.jit, static_argnames=("reml",))
+@jax.jit
 def evaluate_packed(theta, S, reml: bool):
     """:func:`evaluate` as one flat array (one device-to-host transfer per Newton step)."""
     ev = evaluate.__wrapped__(theta, S, reml)
@@ -402,7 +385,7 @@ def _unpack(flat: np.ndarray, kb: int, pb: int) -> dict:
     return out
 
 
-@partial(jax.jit, static_argnames=("reml",))
+@jax.jit
 def solve(theta, S, reml: bool):
     """:func:`lmmjax.likelihood.solve` on the padded system."""
     f = factorize(theta, S)
@@ -411,7 +394,7 @@ def solve(theta, S, reml: bool):
     # square-root statistics: u_j = TᵀR_jᵀB_j⁻¹(a_yj − a_Xjβ̂) (push-through identity); the
     # conditional covariance blocks (ΛᵀZᵀZΛ + I)⁻¹ from the cross-products as usual
     n, p = S["n"], S["p"]
-    sigma2 = f["r2"] / (n - p if reml else n)
+    sigma2 = f["r2"] / (n - p * reml)
     beta = f["RXi"].T @ f["z"]
     w = f["cy"] - f["cx"] @ beta
     u1 = jnp.einsum("jba,jb->ja", f["RT"], jnp.einsum("jba,jb->ja", f["LBi"], w))
@@ -462,8 +445,8 @@ def at_theta(stats: dict, layout: Layout, reml: bool, dtype, theta):
 
 
 def fit(stats: dict, layout: Layout, reml: bool, dtype, theta0=None, maxiter: int = 200):
-    """Fit a design through its bucket's programs: the host Newton of
-    :func:`lmmjax.optimize.newton_minimize` on :func:`evaluate`, then :func:`solve`.
+    """Fit a design through its bucket's programs: :func:`lmmjax.optimize.newton_minimize`
+    with :func:`newton` as its iterations (and :func:`crit_many` for boundary probes).
 
     Returns (OptimizeResult, sol, satt): ``sol`` in :func:`lmmjax.likelihood.solve`'s
     format, ``satt`` = (∇²d, ∂M, M) at the optimum for Satterthwaite."""
@@ -498,15 +481,17 @@ def fit(stats: dict, layout: Layout, reml: bool, dtype, theta0=None, maxiter: in
         fr = np.zeros(kb, bool)
         fr[:k] = free
         out = jax.device_get(newton(pad(t0)[0], pad(grid), use_grid, fr, np.int32(left), S, reml))
-        theta, packed, it, nv, nc = out
+        theta, packed, it, nv, nc, sol = out
         ev = _unpack(np.asarray(packed, float), kb, pb)
         satt = (ev["satt_H"][np.ix_(keep, keep)], ev["satt_dM"][:p, :p][..., keep], ev["satt_M"][:p, :p])
-        return (np.asarray(theta, float)[:k], float(ev["f"]), ev["g"][:k], ev["H"][:k, :k], satt,
+        return (np.asarray(theta, float)[:k], float(ev["f"]), ev["g"][:k], ev["H"][:k, :k], (satt, sol),
                 int(it), int(nv), int(nc))
 
-    opt, satt = newton_minimize(crit_, vgh, layout, theta0, maxiter, START_SCALES, "Newton", batched=True,
-                                inner=inner)
-    sol = _unpad_solution(jax.device_get(solve(pad(opt.theta)[0], S, reml)), layout, p)
+    # the last call of ``inner`` is at the final θ (newton_minimize re-evaluates after a snap),
+    # so its solution is the fit's: no separate solve program
+    opt, (satt, sol) = newton_minimize(crit_, vgh, layout, theta0, maxiter, START_SCALES, "Newton",
+                                       batched=True, inner=inner)
+    sol = _unpad_solution(sol, layout, p)
     sol["Ts"] = layout.factors_host(np.asarray(opt.theta, float))
     return opt, sol, satt
 

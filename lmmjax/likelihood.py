@@ -412,11 +412,16 @@ def finish_fixed(out, Mxx, Mxy, Myy, logdet_z):
 
 
 def criterion(f, n, p, reml: bool):
-    """−2 log-likelihood (ML) or REML criterion from a factorization ``f``."""
-    if reml:
-        nu = n - p
-        return f["logdet_z"] + f["logdet_x"] + nu * (1.0 + jnp.log(2.0 * math.pi * f["r2"] / nu))
-    return f["logdet_z"] + n * (1.0 + jnp.log(2.0 * math.pi * f["r2"] / n))
+    """−2 log-likelihood (ML) or REML criterion from a factorization ``f``.  ``reml``: a
+    bool, or a traced 0/1 flag (one compiled program serves both; ×1 and +0 are exact,
+    so the numbers are those of the two formulas)."""
+    if isinstance(reml, (bool, np.bool_)):
+        if reml:
+            nu = n - p
+            return f["logdet_z"] + f["logdet_x"] + nu * (1.0 + jnp.log(2.0 * math.pi * f["r2"] / nu))
+        return f["logdet_z"] + n * (1.0 + jnp.log(2.0 * math.pi * f["r2"] / n))
+    nu = n - p * reml
+    return f["logdet_z"] + reml * f["logdet_x"] + nu * (1.0 + jnp.log(2.0 * math.pi * f["r2"] / nu))
 
 
 def objective(theta, stats, layout: Layout, reml: bool):
@@ -467,7 +472,7 @@ def solve_from(f, stats, p, reml: bool, sparse_solve=None):
     value is fine).  ``sparse_solve``: the sparse path's later-term solve, if any."""
     n = stats["n"]
     crit = criterion(f, n, p, reml)
-    sigma2 = f["r2"] / (n - p if reml else n)
+    sigma2 = f["r2"] / ((n - p if reml else n) if isinstance(reml, (bool, np.bool_)) else n - p * reml)
     if f["RXi"].shape[-1]:
         RXi = f["RXi"]
         beta = RXi.T @ f["z"]

@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from .design import FORMULA_CONTEXT, DataError, Design, level_index, offset_values
+from .design import FORMULA_CONTEXT, DataError, Design, _variables, level_index, offset_values
 from .formula import parse_formula
 from .inference import InferenceMixin
 from .optimize import OptimizeResult
@@ -183,6 +183,12 @@ class LmerResult(InferenceMixin):
             return out
         if not isinstance(newdata, pd.DataFrame):
             raise DataError(f"newdata must be a pandas DataFrame, got {type(newdata).__name__}")
+        pf = self.design.formula
+        need = set().union(_variables(pf.fixed), *(_variables(f"I({o})") for o in pf.offset),
+                           *(_variables(b.term.lhs) for b in self.design.blocks if b.group in groups))
+        missing = sorted(v for v in need if v not in newdata.columns)
+        if missing:
+            raise DataError(f"newdata lacks column(s) {missing} that the model uses; it has {list(newdata.columns)}")
         try:
             Xn = np.asarray(self.design.fixed_spec.get_model_matrix(newdata, na_action="ignore", context=FORMULA_CONTEXT), float)
         except Exception as exc:

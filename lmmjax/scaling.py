@@ -180,9 +180,16 @@ class TermScale:
         return out
 
 
+#: a random-effects column whose SD (RMS for scaled-only terms) is beyond FAR or below
+#: 1/FAR is rescaled: exact, and θ then lives on the scale the Newton steps and the
+#: Hessian's difference steps assume
+FAR = 1e2
+
+
 def standardize_terms(blocks) -> tuple[list, TermScale]:
     """Blocks whose unstructured terms have their columns centred and scaled (when a column
-    is far from centred: |mean| > 4 sd, or its scale is far from 1), and the
+    is far from centred: |mean| > 4 sd, or its scale is far from 1), whose other
+    unstructured and diagonal terms have columns of RMS > 10² or < 10⁻² scaled, and the
     :class:`TermScale` that maps the fit back."""
     new, Cs = [], []
     for b in blocks:
@@ -192,8 +199,8 @@ def standardize_terms(blocks) -> tuple[list, TermScale]:
             ones = np.flatnonzero(np.all(Zq == 1.0, axis=0))
             mean, sd = Zq.mean(axis=0), Zq.std(axis=0)
             others = np.array([j for j in range(Zq.shape[1]) if j not in set(ones[:1])], int)
-            if ones.size and others.size and np.any((np.abs(mean[others]) > 4 * sd[others]) | (sd[others] > 1e3)
-                                                      | (sd[others] < 1e-3)):
+            if ones.size and others.size and np.any((np.abs(mean[others]) > 4 * sd[others]) | (sd[others] > FAR)
+                                                      | (sd[others] < 1 / FAR)):
                 i0 = ones[0]
                 sdo = np.where(sd > 0, sd, 1.0)
                 C = np.eye(Zq.shape[1])
@@ -203,6 +210,17 @@ def standardize_terms(blocks) -> tuple[list, TermScale]:
                 Zs[:, i0] = 1.0
                 new.append(dataclasses.replace(b, Zq=Zs))
                 Cs.append(C)
+                continue
+        if type(b.structure).__name__ in ("Unstructured", "Diagonal"):
+            # columns far from unit scale (a slope on a predictor around 10⁶ in (x || g)):
+            # scaled only — a diagonal C keeps the structure (θ_c ↦ θ_c / s_c), and θ back
+            # on the unit scale keeps the Hessian's difference steps (≈ 6e-6) well inside it
+            rms = np.sqrt(np.mean(Zq * Zq, axis=0))
+            far = (rms > FAR) | ((rms < 1 / FAR) & (rms > 0))
+            if far.any():
+                s = np.where(far, rms, 1.0)
+                new.append(dataclasses.replace(b, Zq=Zq / s))
+                Cs.append(np.diag(1.0 / s))
                 continue
         new.append(b)
         Cs.append(C)

@@ -109,6 +109,14 @@ def test_new_design_in_a_seen_bucket_compiles_nothing():
     m = lmmjax.lmer("y ~ z + diag(1 + x | g)", _data(4, n_g=30))
     m.summary(print_=False)
     assert len(compiles) == n0, compiles[n0:]
+    # ML shares the REML programs (REML is a traced flag, not a static argument)
+    lmmjax.lmer("y ~ z + diag(1 + x | g)", _data(4, n_g=30), reml=False).summary(print_=False)
+    assert len(compiles) == n0, compiles[n0:]
+    # a new bucket (900 groups: 1,024) costs at most two programs: the Newton program (which
+    # returns the solution and the Satterthwaite derivatives) and the boundary probes
+    n_new = len(compiles)
+    lmmjax.lmer("y ~ x + (1 | g)", _data(8, n_g=900)).summary(print_=False)
+    assert len(compiles) - n_new <= 2, compiles[n_new:]
     # and crossed designs: 5 and 7 levels of h share the later-terms bucket (8)
     lmmjax.lmer("y ~ x + (1 | g) + (1 | h)", _data(5, n_g=20, n_h=5))
     n1 = len(compiles)

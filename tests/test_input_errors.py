@@ -176,9 +176,24 @@ def test_existing_checks_are_input_errors(sleep):
     _raises(DataError, "non-finite value", "Reaction ~ x + (1 | Subject)",
             sleep.assign(x=np.where(sleep.Days == 3, np.inf, sleep.Days)))
     _raises(FormulaError, "exactly one '~'", "Reaction + (1 | Subject)", sleep)
+    m = lmmjax.lmer("Reaction ~ Days + (1 | Subject)", sleep)
     with pytest.raises(InputError, match="not seen in the fit"):
-        m = lmmjax.lmer("Reaction ~ Days + (1 | Subject)", sleep)
         m.predict(sleep.assign(Subject="new").iloc[:3])
+
+
+def test_predict_newdata_checks(sleep):
+    m = lmmjax.lmer("Reaction ~ Days + offset(z) + (Days | Subject)", sleep)
+    with pytest.raises(DataError, match=r"newdata lacks column\(s\) \['Days'\]"):
+        m.predict(sleep.drop(columns="Days").iloc[:3])
+    with pytest.raises(DataError, match=r"newdata lacks column\(s\) \['z'\]"):
+        m.predict(sleep.drop(columns="z").iloc[:3], re_form=False)
+    with pytest.raises(DataError, match=r"lacks grouping column\(s\) \['Subject'\]"):
+        m.predict(sleep.drop(columns="Subject").iloc[:3])
+    # population predictions need no grouping column; a missing predictor value gives NaN
+    # for that row only (R's na.pass)
+    nd = sleep.drop(columns="Subject").iloc[:3].assign(Days=[0.0, np.nan, 2.0])
+    out = m.predict(nd, re_form=False)
+    assert np.isnan(out[1]) and np.isfinite(out[[0, 2]]).all()
 
 
 def test_simple_matrices_equal_formulaic(sleep):
