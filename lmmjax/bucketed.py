@@ -468,11 +468,6 @@ def fit(stats: dict, layout: Layout, reml: bool, dtype, theta0=None, maxiter: in
                                        float)[: len(rows[i: i + CRIT_ROWS])] for i in range(0, len(rows), CRIT_ROWS)])
         return v if t.ndim == 2 else float(v[0])
 
-    def vgh(t):
-        ev = _unpack(np.asarray(evaluate_packed(pad(t)[0], S, reml), float), kb, pb)
-        satt = (ev["satt_H"][np.ix_(keep, keep)], ev["satt_dM"][:p, :p][..., keep], ev["satt_M"][:p, :p])
-        return float(ev["f"]), ev["g"][:k], ev["H"][:k, :k], satt
-
     grid = np.resize(np.outer(START_SCALES, layout.init_theta()), (CRIT_ROWS, k))
 
     def inner(theta, free, left):
@@ -489,7 +484,7 @@ def fit(stats: dict, layout: Layout, reml: bool, dtype, theta0=None, maxiter: in
 
     # the last call of ``inner`` is at the final θ (newton_minimize re-evaluates after a snap),
     # so its solution is the fit's: no separate solve program
-    opt, (satt, sol) = newton_minimize(crit_, vgh, layout, theta0, maxiter, START_SCALES, "Newton",
+    opt, (satt, sol) = newton_minimize(crit_, None, layout, theta0, maxiter, START_SCALES, "Newton",
                                        batched=True, inner=inner)
     sol = _unpad_solution(sol, layout, p)
     sol["Ts"] = layout.factors_host(np.asarray(opt.theta, float))

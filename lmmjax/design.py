@@ -177,6 +177,10 @@ def _check_predictor_columns(names, data: pd.DataFrame, exprs: str) -> None:
         vals = col.dropna()
         if not len(vals):
             continue
+        try:                                           # labels ("early", "F"): a factor, as in R
+            float(vals.iloc[0])
+        except (TypeError, ValueError):
+            continue
         is_str = vals.map(lambda x: isinstance(x, str))
         is_num = vals.map(lambda x: isinstance(x, (int, float, np.integer, np.floating))
                           and not isinstance(x, (bool, np.bool_)))
@@ -222,20 +226,37 @@ def _constant_message(v) -> str:
             "to fit; drop it (e.g. genes not expressed in any cell)")
 
 
-def response_faults(X: np.ndarray, Yc: np.ndarray) -> np.ndarray:
+def response_faults(X: np.ndarray, Yc: np.ndarray, Xy=None, yy=None) -> np.ndarray:
     """Responses that cannot be fitted though every value is usable: constant ones, and
     ones the fixed effects reproduce exactly (residual SD below 10⁴ round-offs of the
     response's SD: σ̂ would be 0 and the criterion −∞).  Columns may hold NaN (not
-    observed); the exact-fit check uses complete columns only.  (c,) messages or None."""
+    observed); the exact-fit check uses complete columns only.  (c,) messages or None.
+
+    ``Xy`` (c × p), ``yy`` (c,): the chunk's cross-products, when at hand, screen the
+    exact-fit check: only columns whose least-squares residual yᵀy − Xyᵀ(XᵀX)⁻¹Xy is
+    below 10⁻⁶ yᵀy (round-off in it is ~10⁻¹³ yᵀy, so no exact fit is missed) get the
+    careful QR check — the batch data pass stays one product per response."""
     bad = np.full(Yc.shape[1], None, object)
-    with np.errstate(invalid="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)      # all-NaN columns
-        lo, hi = np.nanmin(Yc, axis=0), np.nanmax(Yc, axis=0)
+    nan = np.isnan(Yc)
+    has_nan = nan.any(axis=0)
+    if has_nan.any():
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)      # all-NaN columns
+            lo, hi = np.nanmin(Yc, axis=0), np.nanmax(Yc, axis=0)
+    else:
+        lo, hi = Yc.min(axis=0, initial=np.inf), Yc.max(axis=0, initial=-np.inf)
     const = lo == hi
     for j in np.flatnonzero(const):
         bad[j] = _constant_message(lo[j])
-    full = ~const & ~np.isnan(Yc).any(axis=0)
+    full = ~const & ~has_nan
     if full.any() and X.shape[1]:
+        if Xy is not None and yy is not None:
+            Xy, yy = np.asarray(Xy, float), np.asarray(yy, float)
+            with np.errstate(all="ignore"):
+                rss0 = yy - np.einsum("cp,cp->c", Xy, np.linalg.solve(X.T @ X, Xy.T).T)
+            full &= ~(rss0 > 1e-6 * yy)
+            if not full.any():
+                return bad
         Yf = Yc[:, full] if not full.all() else Yc
         Q, _ = np.linalg.qr(X.astype(Yf.dtype))
         rss = np.sum((Yf - Q @ (Q.T @ Yf)) ** 2, axis=0)

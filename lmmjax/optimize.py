@@ -234,7 +234,7 @@ def newton_minimize(crit, vgh, layout: Layout, theta0=None, maxiter: int = 100,
     engine of small designs (:mod:`lmmjax.bucketed`).
 
     ``crit(θ) -> f``; ``vgh(θ) -> (f, g, H, payload)`` (payload: whatever the caller
-    wants back from the evaluation at the final θ).  Start at the best of
+    wants back from the evaluation at the final θ; unused, may be None, with ``inner``).  Start at the best of
     ``start_scales`` × the default θ, backtrack on the criterion, stop on the Newton
     decrement gᵀH⁻¹g < 1e-13 · max(1, |f|) at a positive-definite Hessian (Newton
     converges quadratically: the step before is ~1e-6); then probe the boundary for

@@ -101,7 +101,8 @@ class ResponseMatrix:
             # overflowing to inf just takes the careful path below): no extra pass
             if np.isfinite(st["yy"]).all():            # the common case
                 return dict(stats=st, mask=None,
-                            masked=np.zeros(len(cols), bool), bad=_dense_faults(design, Yc))
+                            masked=np.zeros(len(cols), bool),
+                            bad=response_faults(design.X, Yc, st["Xy"], st["yy"]))
         Yc = np.asarray(Yc, dtype=float)
         nan = np.isnan(Yc)
         inf = np.isinf(Yc)
@@ -114,7 +115,7 @@ class ResponseMatrix:
         finite = ~inf.any(axis=0)
         if finite.any():                 # constant (or exactly fitted) among the observed values
             sub = np.where(M[:, finite] > 0, Yc[:, finite], np.nan)
-            faults = _dense_faults(design, sub)
+            faults = response_faults(design.X, sub)
             idx = np.flatnonzero(finite)
             for j, msg in zip(idx, faults):
                 if msg is not None:
@@ -123,10 +124,6 @@ class ResponseMatrix:
 
         return dict(stats=response_stats(design, Y0), mask=M if masked.any() else None,
                     masked=masked, bad=bad)
-
-
-def _dense_faults(design, Yc: np.ndarray) -> np.ndarray:
-    return response_faults(design.X, Yc)
 
 
 def _sparse_faults(Yc) -> np.ndarray:
