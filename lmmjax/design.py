@@ -237,6 +237,8 @@ def response_faults(X: np.ndarray, Yc: np.ndarray, Xy=None, yy=None) -> np.ndarr
     below 10⁻⁶ yᵀy (round-off in it is ~10⁻¹³ yᵀy, so no exact fit is missed) get the
     careful QR check — the batch data pass stays one product per response."""
     bad = np.full(Yc.shape[1], None, object)
+    if Xy is not None and yy is not None:
+        return _screened_faults(X, Yc, np.asarray(Xy, float), np.asarray(yy, float), bad)
     nan = np.isnan(Yc)
     has_nan = nan.any(axis=0)
     if has_nan.any():
@@ -250,22 +252,45 @@ def response_faults(X: np.ndarray, Yc: np.ndarray, Xy=None, yy=None) -> np.ndarr
         bad[j] = _constant_message(lo[j])
     full = ~const & ~has_nan
     if full.any() and X.shape[1]:
-        if Xy is not None and yy is not None:
-            Xy, yy = np.asarray(Xy, float), np.asarray(yy, float)
-            with np.errstate(all="ignore"):
-                rss0 = yy - np.einsum("cp,cp->c", Xy, np.linalg.solve(X.T @ X, Xy.T).T)
-            full &= ~(rss0 > 1e-6 * yy)
-            if not full.any():
-                return bad
-        Yf = Yc[:, full] if not full.all() else Yc
+        _exact_fits(X, Yc, full, bad)
+    return bad
+
+
+def _exact_fits(X, Yc, cols, bad) -> None:
+    """Mark the columns ``cols`` (bool) of ``Yc`` that X reproduces exactly."""
+    if cols.any():
+        Yf = Yc[:, cols] if not cols.all() else Yc
         Q, _ = np.linalg.qr(X.astype(Yf.dtype))
         rss = np.sum((Yf - Q @ (Q.T @ Yf)) ** 2, axis=0)
         tss = np.sum((Yf - Yf.mean(axis=0)) ** 2, axis=0)
         eps = np.finfo(Yf.dtype).eps
         exact = rss <= (1e4 * eps) ** 2 * tss
-        for j in np.flatnonzero(full)[exact]:
+        for j in np.flatnonzero(cols)[exact]:
             bad[j] = ("the fixed effects reproduce the response exactly (no residual variation): "
                       "σ̂ would be 0; check that the response is not a covariate")
+
+
+def _screened_faults(X, Yc, Xy, yy, bad):
+    """:func:`response_faults` for finite columns from their cross-products: the least-
+    squares residual yᵀy − Xyᵀ(XᵀX)⁻¹Xy below 10⁻⁶ yᵀy (round-off in it is ~10⁻¹³ yᵀy, so
+    nothing is missed) marks the candidates — a constant column is one of them whenever X
+    has an intercept — and only those are checked exactly on the data."""
+    with np.errstate(all="ignore"):
+        rss0 = yy - np.einsum("cp,cp->c", Xy, np.linalg.solve(X.T @ X, Xy.T).T) if X.shape[1] else yy
+    cand = ~(rss0 > 1e-6 * yy)
+    if not np.any(np.all(X == 1.0, axis=0)):       # no intercept: constants are not candidates
+        cand |= Yc.min(axis=0, initial=np.inf) == Yc.max(axis=0, initial=-np.inf)
+    idx = np.flatnonzero(cand)
+    if idx.size:
+        sub = Yc[:, idx]
+        lo, hi = sub.min(axis=0), sub.max(axis=0)
+        const = lo == hi
+        for j, v in zip(idx[const], lo[const]):
+            bad[j] = _constant_message(v)
+        rest = np.zeros(Yc.shape[1], bool)
+        rest[idx[~const]] = True
+        if X.shape[1]:
+            _exact_fits(X, Yc, rest, bad)
     return bad
 
 
