@@ -303,7 +303,8 @@ def check_response_varies(design: "Design") -> None:
     if y.size and np.ptp(y) == 0:
         raise DataError(f"response {name!r} is constant ({_label(y[0])!r} in all {y.size} used rows{off}): "
                         "there is no variation for the model to explain")
-    fault = response_faults(design.X, y[:, None])[0]
+    # (screened by the least-squares residual from Xᵀy and yᵀy: no QR of X on the fit's path)
+    fault = response_faults(design.X, y[:, None], (design.X.T @ y)[None, :], np.array([y @ y]))[0]
     if fault is not None:
         raise DataError(f"response {name!r}{off}: {fault}")
 
