@@ -53,7 +53,7 @@ from ._compute import precision, to_device
 from ._dist import f_sf, t_ppf, t_sf
 from ._linalg import gauss_jordan
 from .covariance import Unstructured
-from .likelihood import Layout, factorize
+from .likelihood import Layout, factorize, sparse_satterthwaite, unprofiled_deviance
 
 __all__ = ["satterthwaite_derivatives", "kr_derivatives", "kr_second_order", "satterthwaite_test", "kr_test",
            "natural_parameters", "dense_crossproducts"]
@@ -67,17 +67,6 @@ def _unprofiled_criterion(vp, stats, layout: Layout, reml: bool):
     theta, sigma = vp[:-1], vp[-1]
     f = factorize(theta, stats, layout)
     return unprofiled_deviance(f, stats["n"], stats["XX"].shape[-1], sigma, reml), f["Mxx"]
-
-
-def unprofiled_deviance(f, n, p, sigma, reml: bool):
-    """d(θ, σ) = log|L_Z|² + r²/σ² + n log(2πσ²) [+ log|R_X|² − p log(2πσ²) for REML]
-    from a factorization's ``logdet_z``, ``logdet_x`` and ``r2`` (any model whose
-    marginal covariance is σ² times a matrix: lmer's blocked factor, gls's grouped one)."""
-    s2 = sigma * sigma
-    dev = f["logdet_z"] + f["r2"] / s2 + n * jnp.log(2 * math.pi * s2)
-    if reml:
-        dev = dev + f["logdet_x"] - p * jnp.log(2 * math.pi * s2)
-    return dev
 
 
 def t_columns(beta, se, df, level: float = 0.95) -> dict:
@@ -99,7 +88,8 @@ def satterthwaite_derivatives(vp, stats, layout: Layout, reml: bool):
     """(H, J): the exact Hessian of d(θ, σ) and the Jacobian of C = Var(β̂) = σ²M⁻¹,
     shape (p, p, k+1), with ∂C/∂θ_i = −σ²M⁻¹(∂M/∂θ_i)M⁻¹ and ∂C/∂σ = 2σM⁻¹.  One
     compiled forward-over-reverse pass gives H and ∂M together."""
-    H, dM, M = (np.asarray(a, float) for a in _satterthwaite_program(vp, stats, layout, reml))
+    program = sparse_satterthwaite if "tr_v" in stats else _satterthwaite_program
+    H, dM, M = (np.asarray(a, float) for a in program(vp, stats, layout, reml))
     return H, satterthwaite_jacobian(dM, M, float(vp[-1]))
 
 
