@@ -9,6 +9,7 @@ from ._cache import enable_persistent_cache
 enable_persistent_cache()
 
 from . import datasets  # noqa: E402
+from ._compute import set_cpu_threads  # noqa: E402
 from . import confint  # noqa: E402
 from .batch import BatchResult, lmer_batch  # noqa: E402
 from .compare import compare  # noqa: E402
@@ -22,6 +23,6 @@ from .results import LmerResult
 
 __version__ = "0.1.0"
 __all__ = [
-    "lmer", "lmer_batch", "gls", "cov", "GroupedResult", "BatchResult", "compare", "confint", "precision", "datasets", "LmerResult", "DataError", "FormulaError", "InputError", "FitError",
+    "lmer", "lmer_batch", "gls", "cov", "GroupedResult", "BatchResult", "compare", "confint", "precision", "set_cpu_threads", "datasets", "LmerResult", "DataError", "FormulaError", "InputError", "FitError",
     "ConvergenceWarning", "SingularFitWarning",
 ]

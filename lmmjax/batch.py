@@ -31,6 +31,7 @@ error message in ``res.errors`` and NaN results, never the others' results.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 import warnings
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from ._compute import precision
 from ._linalg import UNROLL_MAX, chol_small, spd_solve, tril_inv_small
@@ -801,6 +803,44 @@ class BatchResult:
                                     "sdcor": np.sqrt(s2)}, index=self.theta.index))
         return pd.concat(frames).reset_index()
 
+    def variance_partition(self, fixed: bool = True, fractions: bool = True) -> pd.DataFrame:
+        """Fraction of variance explained by each random-effects column, each fixed-effects
+        column (``fixed``) and the residual, per response (rows sum to one; ``fractions=False``
+        gives the variances) — variancePartition's ``fitExtractVarPartModel``; see
+        :mod:`lmmjax.varpart`.  Failed responses are NaN."""
+        from .varpart import fractions as to_fractions, variance_components
+
+        theta, s2 = self.theta.to_numpy(), self.sigma.to_numpy() ** 2
+        Ts, off = [], 0
+        for s in self.design.layout.structures:
+            rows, cols = (np.array(a, int) for a in zip(*s.positions))
+            T = np.zeros((len(self), s.q, s.q))
+            T[:, rows, cols] = theta[:, off: off + s.n_params]
+            off += s.n_params
+            Ts.append(T)
+        comp = variance_components(self.design, Ts, s2, self.fixef.to_numpy(), self._row_weights(), fixed)
+        comp.index = self.theta.index
+        return to_fractions(comp) if fractions else comp
+
+    def _row_weights(self) -> np.ndarray:
+        """(n, G): prior weight × whether the response was fitted on the row."""
+        R, G = self._responses, len(self)
+        W = getattr(self, "_weights", None)
+        shared = self.design.weights
+        out = np.empty((R.n, G))
+        for start in range(0, G, 1024):
+            cols = np.arange(start, min(G, start + 1024))
+            Yc = R.Y[:, cols]
+            Yc = np.asarray(Yc.toarray() if R.sparse else Yc, float)
+            w = np.isfinite(Yc).astype(float)
+            if shared is not None:
+                w *= shared[:, None]
+            if W is not None:
+                Wc = _weight_columns(W, cols)
+                w *= np.where(np.isfinite(Wc) & (Wc > 0), Wc, 0.0)
+            out[:, cols] = w
+        return out
+
     def to_anndata(self, adata, coef: str, ddf: str = "satterthwaite", key: str = "lmmjax"):
         """Write the coefficient table into ``adata.varm[key]`` (rows aligned with
         ``adata.var_names``) and the model description into ``adata.uns[key]``."""
@@ -834,6 +874,32 @@ def _dense_batch(dstats: dict, layout: Layout) -> dict:
     G = len(np.asarray(dstats["n"]))
     parts = [dense_crossproducts({k: np.asarray(v)[g] for k, v in dstats.items()}, layout) for g in range(G)]
     return {k: np.stack([np.asarray(p_[k]) for p_ in parts]) for k in parts[0]}
+
+
+def _batch_weights(weights, data: pd.DataFrame, R: ResponseMatrix):
+    """(shared n-vector or None, per-response n × G matrix or None) from ``lmer_batch``'s
+    ``weights=``."""
+    if weights is None:
+        return None, None
+    if isinstance(weights, pd.DataFrame):
+        weights = weights.to_numpy(dtype=float)
+    if isinstance(weights, str) or np.ndim(weights) == 1 and not sp.issparse(weights):
+        from .design import _weight_values
+
+        w = _weight_values(weights, data)
+        if np.isnan(w).any():
+            raise DataError(f"weights have {int(np.isnan(w).sum())} missing value(s); every row needs a weight")
+        return w, None
+    if np.shape(weights) != (R.n, R.G):
+        raise DataError(f"per-response weights must be n × G = {R.n} × {R.G} (like the responses), "
+                        f"got shape {np.shape(weights)}")
+    return None, weights
+
+
+def _weight_columns(W, cols) -> np.ndarray:
+    """Columns ``cols`` of a per-response weight matrix (dense or sparse) as a dense array."""
+    sub = W[:, cols[0]: cols[-1] + 1] if np.all(np.diff(cols) == 1) else W[:, cols]
+    return np.asarray(sub.toarray() if sp.issparse(sub) else sub, float)
 
 
 # ---------------------------------------------------------------- checks on masked responses
@@ -890,7 +956,8 @@ def _progress_bar(total, enabled):
 
 def lmer_batch(formula: str, data=None, responses=None, reml: bool = True, *, names=None, layer=None,
                dtype: str = "float64", chunk_size: int | None = None, max_memory="2GB",
-               progress: bool = True, devices=None, client=None, checkpoint_dir=None) -> BatchResult:
+               progress: bool = True, devices=None, client=None, checkpoint_dir=None,
+               weights=None) -> BatchResult:
     """Fit one linear mixed model to every response of a matrix.
 
     ``formula`` has no response: ``"~ condition + (1 | donor)"``.  ``data``: the
@@ -914,8 +981,15 @@ def lmer_batch(formula: str, data=None, responses=None, reml: bool = True, *, na
     finished chunks are loaded, not refitted (results byte-identical to an uninterrupted
     run); a folder written for other inputs is refused.
 
+    ``weights``: prior weights as in ``lmer(..., weights=)`` (Var(εᵢ) = σ²/wᵢ): one vector
+    for all responses (a column of ``data``/``.obs``, or n values), or one per response —
+    an n × G array or DataFrame, or the name of an AnnData layer (voom-style precision
+    weights).  Per-response weights give every response its own design cross-products
+    (Σ wᵢzᵢzᵢᵀ: the NaN-mask machinery with real weights); a zero weight leaves the row out.
+
     Returns a :class:`BatchResult`.
     """
+    adata = data if _is_anndata(data) else responses if _is_anndata(responses) else None
     if _is_anndata(data):
         if responses is not None and not _is_anndata(responses):
             raise DataError("give either an AnnData object or data= plus responses=, not both")
@@ -927,6 +1001,9 @@ def lmer_batch(formula: str, data=None, responses=None, reml: bool = True, *, na
         names = anames if names is None else names
     else:
         Y = responses
+    if (adata is not None and isinstance(weights, str) and weights in adata.layers
+            and not (isinstance(data, pd.DataFrame) and weights in data.columns)):
+        weights = adata.layers[weights]
     if data is None or Y is None:
         raise DataError("lmer_batch needs covariates (data=) and responses (responses=)")
     if not isinstance(data, pd.DataFrame):
@@ -946,6 +1023,11 @@ def lmer_batch(formula: str, data=None, responses=None, reml: bool = True, *, na
     if other:
         raise NotImplementedError(f"lmer_batch fits us/diag random-effect terms; {other} is not supported "
                                   "in batch yet (fit it per response with lmmjax.lmer)")
+    shared_w, W = _batch_weights(weights, data, R)
+    user_design = design
+    if shared_w is not None:        # one weight vector: the likelihood sees √w-scaled rows
+        user_design = dataclasses.replace(design, weights=shared_w)
+        design = user_design.weighted()
     data_dtype = str(np.dtype(dtype))
     if data_dtype not in ("float32", "float64"):
         raise ValueError(f"dtype must be 'float64' or 'float32', got {dtype!r}")
@@ -958,9 +1040,13 @@ def lmer_batch(formula: str, data=None, responses=None, reml: bool = True, *, na
     ds_shared = design_stats(design, sparse=False)  # the batch programs use the dense blocked form
     read = max(1, min(G, int(budget / (3 * 8.0 * n))))
     shared_idx, shared_stats, masked_idx, masked_r, masked_d = [], [], [], [], []
+    logw = np.full(G, 0.0 if shared_w is None else float(np.sum(np.log(shared_w))))
     for start in range(0, G, read):
         cols = np.arange(start, min(G, start + read))
-        ch = R.chunk_stats(design, cols, data_dtype)
+        ch = R.chunk_stats(design, cols, data_dtype, row_scale=None if shared_w is None else np.sqrt(shared_w),
+                           weights=None if W is None else _weight_columns(W, cols))
+        if ch["logw"] is not None:
+            logw[cols] = ch["logw"]
         errors[cols] = ch["bad"]
         ok = np.array([b is None for b in ch["bad"]])
         full = ok & ~ch["masked"]
@@ -969,6 +1055,7 @@ def lmer_batch(formula: str, data=None, responses=None, reml: bool = True, *, na
         if (ch["masked"] & ok).any():
             mk = ch["masked"] & ok            # (a masked response already failed keeps its reason)
             dsm = masked_design_stats(design, ch["mask"][:, mk])
+            dsm["n"] = (ch["mask"][:, mk] > 0).sum(axis=0).astype(float)   # rows used (weights ≠ counts)
             prob = _masked_problems(design, dsm)
             good = np.array([m is None for m in prob])
             errors[cols[mk]] = prob
@@ -1061,9 +1148,11 @@ def lmer_batch(formula: str, data=None, responses=None, reml: bool = True, *, na
     finally:
         if bar is not None:
             bar.close()
+    fit["criterion"] = fit["criterion"] - logw        # −2ℓ of the weighted model (lme4's, with Σ log wᵢ)
     failed = np.isnan(fit["criterion"]) & np.array([e is None for e in errors])
     errors[failed] = "numerical failure in the fit (non-finite criterion)"
-    res = BatchResult(design, R, data, formula, reml, dtype, chunks, fit, errors)
+    res = BatchResult(user_design, R, data, formula, reml, dtype, chunks, fit, errors)
+    res._weights = W                 # per-response weights (a reference), for variance_partition
     res.data_dtype = data_dtype
     return res
 

@@ -15,7 +15,12 @@ __all__ = ["compare"]
 
 def _same_data(a, b) -> bool:
     return a.nobs == b.nobs and np.array_equal(a.design.y, b.design.y) and np.array_equal(
-        a.design.rows, b.design.rows)
+        a.design.rows, b.design.rows) and np.array_equal(_w(a), _w(b))
+
+
+def _w(m):
+    w = getattr(getattr(m, "design", None), "weights", None)
+    return np.ones(m.nobs) if w is None else w
 
 
 def compare(*models, refit: bool = True, names=None) -> pd.DataFrame:
@@ -51,7 +56,7 @@ def compare(*models, refit: bool = True, names=None) -> pd.DataFrame:
             if m.reml:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    fitted.append(lmer(m.formula, m.data, reml=False))
+                    fitted.append(lmer(m.formula, m.data, reml=False, weights=getattr(m, "weights_arg", None)))
             else:
                 fitted.append(m)
         models = fitted

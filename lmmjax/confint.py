@@ -224,7 +224,7 @@ def _profile(m, level):
     if m.reml:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            mml = lmer(m.formula, m.data, reml=False)
+            mml = lmer(m.formula, m.data, reml=False, weights=getattr(m, "weights_arg", None))
     dev0 = mml.deviance
     psi0 = varpar_values(mml)
     rows = {}
@@ -248,7 +248,7 @@ def _wald(m, level):
 
 def simulate(m, nsim: int, seed=None) -> np.ndarray:
     """``nsim`` responses from the fitted model (lme4's ``simulate``): y = Xβ̂ + Zb + ε with
-    b ~ N(0, σ̂²ΛΛᵀ), ε ~ N(0, σ̂²).  Returns an (n, nsim) array."""
+    b ~ N(0, σ̂²ΛΛᵀ), εᵢ ~ N(0, σ̂²/wᵢ) (w: prior weights, 1 without).  Returns an (n, nsim) array."""
     rng = np.random.default_rng(seed)
     n = m.nobs
     off = 0.0 if m.design.offset is None else m.design.offset
@@ -257,7 +257,10 @@ def simulate(m, nsim: int, seed=None) -> np.ndarray:
         u = rng.standard_normal((nsim, blk.n_levels, blk.q)) * m.sigma
         b = u @ T.T                                      # (nsim, levels, q)
         Y += np.einsum("nq,snq->ns", blk.Zq, b[:, blk.index, :])
-    return Y + m.sigma * rng.standard_normal((n, nsim))
+    eps = m.sigma * rng.standard_normal((n, nsim))
+    if m.design.weights is not None:       # Var(εᵢ) = σ²/wᵢ
+        eps /= np.sqrt(m.design.weights)[:, None]
+    return Y + eps
 
 
 def _bootstrap(m, level, nsim, seed):
@@ -274,7 +277,8 @@ def _bootstrap(m, level, nsim, seed):
     if m.design.offset is not None:     # the fits see the working response y − offset
         Y = Y - m.design.offset[:, None]
     dstats = {k: v for k, v in m.stats.items() if k not in ("Z1y", "Zry", "Xy", "yy")}
-    rs = response_stats(m.design, Y)
+    wd = m.design.weighted()           # the likelihood's rows (scaled by √w under prior weights)
+    rs = response_stats(wd, Y if m.design.weights is None else Y * np.sqrt(m.design.weights)[:, None])
     names = varpar_names(m) + list(m.fixef.index)
     draws = np.empty((nsim, len(names)))
     with precision():

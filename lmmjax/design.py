@@ -16,6 +16,8 @@ responses at once.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -99,6 +101,22 @@ class Design:
     frame: pd.DataFrame = None  # the used rows and columns of the data (for contrasts)
     offset: np.ndarray = None   # the sum of the formula's offset(...) terms (None: none);
     #                             y above is the working response, the response minus it
+    weights: np.ndarray = None  # prior weights of the used rows (None: all 1): Var(εᵢ) = σ²/wᵢ
+
+    def weighted(self) -> "Design":
+        """The design the likelihood sees under prior weights: rows of X, Z and y scaled by
+        √wᵢ (then Var(√wᵢ εᵢ) = σ², an unweighted model; lme4's weights).  Its criterion
+        differs from the weighted model's by Σ log wᵢ (:attr:`log_weights`)."""
+        if self.weights is None:
+            return self
+        r = np.sqrt(self.weights)
+        blocks = [dataclasses.replace(b, Zq=b.Zq * r[:, None]) for b in self.blocks]
+        return dataclasses.replace(self, X=self.X * r[:, None], y=self.y * r, blocks=blocks, weights=None)
+
+    @property
+    def log_weights(self) -> float:
+        """Σ log wᵢ: −2 log-likelihood of the weighted model = that of :meth:`weighted` − Σ log wᵢ."""
+        return 0.0 if self.weights is None else float(np.sum(np.log(self.weights)))
 
     @property
     def n(self) -> int:
@@ -477,10 +495,12 @@ def _as_float(mm, where: str, data_index) -> np.ndarray:
 
 # ---------------------------------------------------------------- main
 def build_design(formula: str | ParsedFormula, data: pd.DataFrame, require_response: bool = True,
-                 structures: dict | None = None, single_level_ok: tuple = ()) -> Design:
+                 structures: dict | None = None, single_level_ok: tuple = (), weights=None) -> Design:
     """Bind a formula to data.  ``structures``: extra random-effect structure keywords
     (see :func:`lmmjax.covariance.make_structure`); ``single_level_ok``: grouping
-    factors allowed one level (gls's placeholder term)."""
+    factors allowed one level (gls's placeholder term); ``weights``: prior weights, a
+    column name or one value per data row (rows where it is missing are dropped, as R's
+    model frame does)."""
     for k in structures or ():
         if not (isinstance(k, str) and k.isidentifier()):
             raise DataError(f"structure keywords must be names like 'ou', got {k!r}")
@@ -518,6 +538,9 @@ def build_design(formula: str | ParsedFormula, data: pd.DataFrame, require_respo
                              " ".join([pf.fixed, *pf.offset, *(t.lhs for t in pf.random)]))
     used = sorted(resp_vars | fixed_vars | rand_vars | offset_vars, key=list(data.columns).index)
     complete = data[used].notna().all(axis=1).to_numpy() if used else np.ones(n_data, bool)
+    w_all = None if weights is None else _weight_values(weights, data)
+    if w_all is not None:
+        complete &= ~np.isnan(w_all)
     rows = np.flatnonzero(complete)
     if rows.size == 0:
         raise DataError(f"no complete rows: every row has a missing value in one of {used}")
@@ -597,8 +620,31 @@ def build_design(formula: str | ParsedFormula, data: pd.DataFrame, require_respo
     return Design(
         formula=pf, y=y, X=X, xnames=xnames, fixed_spec=fixed_spec, blocks=blocks,
         rows=rows, n_data=n_data, dropped_columns=dropped, response_name=resp_name,
-        x_keep=x_keep, frame=df[used], offset=offset,
+        x_keep=x_keep, frame=df[used], offset=offset, weights=None if w_all is None else w_all[rows],
     )
+
+
+def _weight_values(weights, data: pd.DataFrame) -> np.ndarray:
+    """Prior weights as floats, one per data row (NaN: missing), checked: finite and > 0."""
+    if isinstance(weights, str):
+        if weights not in data.columns:
+            raise DataError(f"weights column {weights!r} is not in the data; columns: {list(data.columns)}")
+        col, what = data[weights], f"weights column {weights!r}"
+    else:
+        col, what = weights, "weights"
+        if np.ndim(col) != 1 or len(col) != len(data):
+            raise DataError(f"weights must be a column name or one value per data row ({len(data)}), "
+                            f"got shape {np.shape(col)}")
+    try:
+        w = np.asarray(pd.to_numeric(pd.Series(np.asarray(col)), errors="raise"), float)
+    except (ValueError, TypeError):
+        raise DataError(f"{what} must be numeric") from None
+    bad = np.flatnonzero(~np.isnan(w) & ~(np.isfinite(w) & (w > 0)))
+    if bad.size:
+        i = int(bad[0])
+        raise DataError(f"{what} must be positive and finite (Var(εᵢ) = σ²/wᵢ); row {_label(data.index[i])!r} "
+                        f"has {w[i]:g} ({bad.size} such row(s)); drop rows that should not count")
+    return w
 
 
 #: ``design_stats`` stores Z₁ᵀZ_r sparsely (co-occurrence pattern, see
@@ -639,32 +685,52 @@ def sparse_cross_pattern(B: sp.csr_matrix, q1: int) -> dict:
     # values B[j*q1 + a, c]
     for a in range(q1):
         sp_v[:, a] = np.asarray(Bd[sp_j * q1 + a, sp_c]).ravel()
-    # triples: pairs (e, e') of entries of the same block row j with e <= e' (so c <= c')
+    # triples: pairs (e, e') of entries of the same block row j with e <= e' (so c <= c');
+    # built in int32 with few temporaries (InstEval: 1.8 M triples; memory is the limit here)
     start = np.searchsorted(sp_j, np.arange(l1 + 1))
     local = np.arange(sp_j.size) - start[sp_j]
     reps = np.diff(start)[sp_j] - local
-    e1 = np.repeat(np.arange(sp_j.size), reps)
-    e2 = e1 + np.arange(e1.size) - np.repeat(np.cumsum(reps) - reps, reps)
-    dst = sp_c[e1] * qr + sp_c[e2]
+    e1 = np.repeat(np.arange(sp_j.size, dtype=np.int32), reps)
+    e2 = np.arange(e1.size, dtype=np.int32)
+    e2 -= np.repeat((np.cumsum(reps) - reps).astype(np.int32), reps)
+    e2 += e1
+    c32 = sp_c.astype(np.int32)
+    dst = c32[e1] * np.int32(qr)          # < q_r² < 2³¹ (checked above)
+    dst += c32[e2]
     # sorted by destination: the scatter becomes a sorted segment sum over the distinct
     # destinations (InstEval: 1.8 M triples onto 142 k lecturer pairs), ~4× faster on CPU
     order = np.argsort(dst, kind="stable")
     e1, e2, dst = e1[order], e2[order], dst[order]
-    tr_udst, tr_seg = np.unique(dst, return_inverse=True)
-    tr_v = sp_v[e1][:, :, None] * sp_v[e2][:, None, :]
+    del order
+    first = np.empty(dst.size, bool)
+    first[:1] = True
+    np.not_equal(dst[1:], dst[:-1], out=first[1:])
+    tr_udst = dst[first]
+    del dst
     # Pad every array to a size bucket so that data sets of similar size share compiled
     # programs: padded pairs and triples have value 0 (they add nothing), padded triples
     # go to an extra segment, padded destinations lie past the q_r² matrix (sliced off)
     n_p, n_t, n_u = sp_j.size, e1.size, tr_udst.size
     P, T, U = size_bucket(n_p), size_bucket(n_t), size_bucket(n_u + 1)
+    tr_seg = np.full(T, n_u, np.int32)
+    np.cumsum(first, dtype=np.int32, out=tr_seg[:n_t])
+    tr_seg[:n_t] -= 1
+    del first
+    tr_j = np.zeros(T, np.int32)
+    tr_j[:n_t] = sp_j[e1]
+    tr_v = np.zeros((T, q1, q1))
+    for lo in range(0, n_t, 1 << 18):          # in slices: no triple-length float temporaries
+        i1, i2 = e1[lo : lo + (1 << 18)], e2[lo : lo + (1 << 18)]
+        tr_v[lo : lo + i1.size] = sp_v[i1][:, :, None] * sp_v[i2][:, None, :]
+    del e1, e2
+    tr_udst = tr_udst.astype(np.int64)
     dummy = qr * qr + np.arange(U - n_u)
-    tr_udst = np.concatenate([tr_udst, dummy])
-    tr_udst_t = np.concatenate([(tr_udst[:n_u] % qr) * qr + tr_udst[:n_u] // qr, dummy])
+    udst = np.concatenate([tr_udst, dummy])
+    udst_t = np.concatenate([(tr_udst % qr) * qr + tr_udst // qr, dummy])
+    itype = np.int64 if udst[-1] >= 2**31 else np.int32
     return dict(
         sp_j=_pad(sp_j, P, 0).astype(np.int32), sp_c=_pad(sp_c, P, 0).astype(np.int32), sp_v=_pad(sp_v, P, 0.0),
-        tr_j=_pad(sp_j[e1], T, 0).astype(np.int32), tr_seg=_pad(tr_seg, T, n_u).astype(np.int32),
-        tr_udst=tr_udst.astype(np.int64 if tr_udst[-1] >= 2**31 else np.int32),
-        tr_udst_t=tr_udst_t.astype(np.int64 if tr_udst[-1] >= 2**31 else np.int32), tr_v=_pad(tr_v, T, 0.0))
+        tr_j=tr_j, tr_seg=tr_seg, tr_udst=udst.astype(itype), tr_udst_t=udst_t.astype(itype), tr_v=tr_v)
 
 
 def size_bucket(n: int) -> int:

@@ -37,7 +37,7 @@ __all__ = ["lmer", "precision"]
 
 def lmer(formula: str, data: pd.DataFrame, reml: bool = True, *, dtype: str = "float64",
          start=None, theta=None, maxiter: int = 1000, warn: bool = True, residual=None,
-         structures: dict | None = None) -> LmerResult:
+         structures: dict | None = None, weights=None) -> LmerResult:
     """Fit a linear mixed model by REML (default) or ML, like ``lme4::lmer``.
 
     Parameters
@@ -62,12 +62,21 @@ def lmer(formula: str, data: pd.DataFrame, reml: bool = True, *, dtype: str = "f
         :class:`lmmjax.cov.Correlation` subclass instance (its kernel across the term's
         coefficients at unit spacing, one common variance) or a callable ``q -> structure``
         following :mod:`lmmjax.covariance`'s protocol.
+    weights : prior weights, like lme4's ``weights=``: a column name or one positive value per
+        data row, Var(εᵢ) = σ²/wᵢ (e.g. inverse variances, or counts behind averaged rows).
+        The criterion and log-likelihood include −Σ log wᵢ as lme4's do.
     """
     if residual is not None:
+        if weights is not None:
+            raise InputError("weights= with residual= is not supported: model the variances in the residual "
+                             "structure instead (e.g. lmmjax.cov.VarIdent, VarPower)")
         from .gls import fit_grouped
 
         return fit_grouped(formula, data, residual, reml=reml, dtype=dtype, engine="lmer", structures=structures)
-    design = build_design(formula, data, structures=structures)
+    user_design = build_design(formula, data, structures=structures, weights=weights)
+    # prior weights: the likelihood sees rows scaled by √wᵢ (an unweighted model whose
+    # criterion is the weighted one's + Σ log wᵢ); results keep the user's rows
+    design = user_design.weighted()
     check_response_varies(design)
     stats = {**design_stats(design), **response_stats(design, design.y)}
     # the fit runs on standardized X and y (lmmjax.scaling): exact on badly scaled data
@@ -127,13 +136,16 @@ def lmer(formula: str, data: pd.DataFrame, reml: bool = True, *, dtype: str = "f
         opt = dataclasses.replace(opt, theta=tscale.theta(opt.theta, layout))
     if theta is not None:
         opt = dataclasses.replace(opt, theta=layout.canonical(_check_theta(theta, layout)))
-    opt = dataclasses.replace(opt, criterion=scale.criterion(opt.criterion, n, p, reml))
+    opt = dataclasses.replace(opt, criterion=scale.criterion(opt.criterion, n, p, reml) - user_design.log_weights)
+    if user_design.weights is not None:
+        sol = {**sol, "criterion": np.asarray(sol["criterion"], float) - user_design.log_weights}
     if not np.isfinite(opt.criterion):
         raise FitError(
             f"the {'REML' if reml else 'ML'} criterion is not finite at θ = {np.round(opt.theta, 6).tolist()}: "
             "the fixed effects reproduce the response exactly (no residual variance) or the data hold "
             "extreme values; check the response and the model")
-    m = LmerResult(design, stats, opt, sol, reml, data_name=getattr(data, "_lmmjax_name", None))
+    m = LmerResult(user_design, stats, opt, sol, reml, data_name=getattr(data, "_lmmjax_name", None))
+    m.weights_arg = weights     # as given, for refits (compare, profile)
     # (the evaluation's Satterthwaite derivatives are in the fit's θ coordinates: the same df
     # at an optimum, where the gradient vanishes, but not at a caller's θ — computed later then)
     if satt is not None and not (theta is not None and tscale.any()):

@@ -68,24 +68,37 @@ class ResponseMatrix:
         c = self.Y[:, j]
         return np.asarray(c.toarray()).ravel() if self.sparse else np.asarray(c, float)
 
-    def chunk_stats(self, design, cols: np.ndarray, dtype="float64") -> dict:
+    def chunk_stats(self, design, cols: np.ndarray, dtype="float64", row_scale=None, weights=None) -> dict:
         """Cross-products of the responses ``cols`` with the design (the data pass in
         ``dtype``; the statistics are returned in float64).
 
         Returns dict(stats=…, mask=(n × c) or None, masked=bool (c,), bad=(c,) object
-        array of error messages or None).  Missing values (NaN) count as 0 in the
-        products and are recorded in the mask; ±inf is an error for that response.
+        array of error messages or None, logw=(c,) Σ log wᵢ over the rows each response uses).
+        Missing values (NaN) count as 0 in the products and are recorded in the mask; ±inf
+        is an error for that response.
+
+        ``row_scale`` (n,): √w of one weight vector shared by all responses (``design`` is
+        then the √w-scaled :meth:`~lmmjax.design.Design.weighted` design and each response is
+        scaled the same way).  ``weights`` (n × c): per-response prior weights; every
+        response then gets its own design statistics (its ``mask`` column holds its weights,
+        0 where missing): Σ wᵢ zᵢzᵢᵀ, Zᵀ(w∘y), Σ wᵢyᵢ².
         """
         off = design.offset
+        if weights is not None:
+            return self._weighted_chunk(design, cols, np.asarray(weights, float))
         if self.sparse:
             Yc = self.Y[:, cols]
             vals = Yc.data
             if np.all(np.isfinite(vals)) and off is None:
+                if row_scale is not None:
+                    Yc = sp.csc_matrix(sp.diags(row_scale) @ Yc)
                 return dict(stats=_sparse_response_stats(design, Yc), mask=None,
-                            masked=np.zeros(len(cols), bool), bad=_sparse_faults(Yc))
+                            masked=np.zeros(len(cols), bool), bad=_sparse_faults(Yc), logw=None)
             Yc = Yc.toarray()          # only a chunk with non-finite entries (or an offset) is densified
             if off is not None:
                 Yc = Yc - off[:, None]
+            if row_scale is not None:
+                Yc = Yc * row_scale[:, None]
         else:
             cols = np.asarray(cols)
             contiguous = len(cols) > 0 and cols[-1] - cols[0] + 1 == len(cols) and np.all(np.diff(cols) == 1)
@@ -93,6 +106,8 @@ class ResponseMatrix:
             Yc = np.asarray(self.Y[:, cols[0]: cols[-1] + 1] if contiguous else self.Y[:, cols], dtype=dtype)
             if off is not None:             # the fits see the working response y − offset
                 Yc = Yc - off.astype(Yc.dtype)[:, None]
+            if row_scale is not None:       # shared prior weights: √w-scaled rows
+                Yc = Yc * row_scale.astype(Yc.dtype)[:, None]
             from .design import response_stats
 
             with np.errstate(invalid="ignore", over="ignore"):
@@ -102,7 +117,7 @@ class ResponseMatrix:
             if np.isfinite(st["yy"]).all():            # the common case
                 return dict(stats=st, mask=None,
                             masked=np.zeros(len(cols), bool),
-                            bad=response_faults(design.X, Yc, st["Xy"], st["yy"]))
+                            bad=response_faults(design.X, Yc, st["Xy"], st["yy"]), logw=None)
         Yc = np.asarray(Yc, dtype=float)
         nan = np.isnan(Yc)
         inf = np.isinf(Yc)
@@ -123,7 +138,41 @@ class ResponseMatrix:
         from .design import response_stats
 
         return dict(stats=response_stats(design, Y0), mask=M if masked.any() else None,
-                    masked=masked, bad=bad)
+                    masked=masked, bad=bad, logw=None)
+
+    def _weighted_chunk(self, design, cols, Wc) -> dict:
+        """:meth:`chunk_stats` with per-response weights ``Wc`` (n × c): invalid weights
+        (negative, non-finite) fail that response only; NaN responses and zero weights
+        leave the row out of that response's fit."""
+        if Wc.shape != (self.n, len(cols)):
+            raise DataError(f"per-response weights must be n × G ({self.n} × {self.G}); a chunk had shape {Wc.shape}")
+        Yc = self.Y[:, cols]
+        Yc = np.asarray(Yc.toarray() if self.sparse else Yc, float)
+        if design.offset is not None:
+            Yc = Yc - design.offset[:, None]
+        bad = np.full(len(cols), None, object)
+        wbad = ~np.isfinite(Wc) | (Wc < 0)
+        for j in np.flatnonzero(wbad.any(axis=0)):
+            i = int(np.flatnonzero(wbad[:, j])[0])
+            bad[j] = f"weights must be finite and >= 0 (row {i} has {Wc[i, j]:g})"
+        inf = np.isinf(Yc)
+        for j in np.flatnonzero(inf.any(axis=0) & ~wbad.any(axis=0)):
+            bad[j] = f"{int(inf[:, j].sum())} infinite value(s); use NaN for missing values"
+        use = np.isfinite(Yc) & np.isfinite(Wc) & (Wc > 0)
+        W = np.where(use, Wc, 0.0)
+        Y0 = np.where(use, Yc, 0.0)
+        ok = np.array([b is None for b in bad])
+        if ok.any():                     # constant (or exactly fitted) among the used values
+            faults = response_faults(design.X, np.where(use[:, ok], Yc[:, ok], np.nan))
+            for j, msg in zip(np.flatnonzero(ok), faults):
+                if msg is not None:
+                    bad[j] = msg
+        from .design import response_stats
+
+        st = response_stats(design, W * Y0)               # Zᵀ(w∘y), Xᵀ(w∘y)
+        st["yy"] = np.einsum("ng,ng,ng->g", W, Y0, Y0)    # Σ wᵢyᵢ²
+        logw = np.sum(np.log(np.where(use, Wc, 1.0)), axis=0)
+        return dict(stats=st, mask=W, masked=np.ones(len(cols), bool), bad=bad, logw=logw)
 
 
 def _sparse_faults(Yc) -> np.ndarray:

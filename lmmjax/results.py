@@ -143,6 +143,23 @@ class LmerResult(InferenceMixin):
             out[g] = df
         return out
 
+    def variance_partition(self, fixed: bool = True, fractions: bool = True) -> pd.Series:
+        """Fraction of variance explained by each random-effects column, each fixed-effects
+        column (``fixed``) and the residual (sums to one; ``fractions=False`` gives the
+        variances), as variancePartition's ``calcVarPart``; see :mod:`lmmjax.varpart`."""
+        from .varpart import fractions as to_fractions, variance_components
+
+        w = np.ones(self.nobs) if self.weights is None else self.weights
+        comp = variance_components(self.design, [T[None] for T in self._Ts], np.array([self.sigma**2]),
+                                   self.fixef.to_numpy()[None], w[:, None], fixed)
+        out = to_fractions(comp) if fractions else comp
+        return out.iloc[0].rename("fraction" if fractions else "variance")
+
+    @property
+    def weights(self) -> np.ndarray | None:
+        """The prior weights of the rows used in the fit (lme4's ``weights(fit)``; None: unweighted)."""
+        return self.design.weights
+
     # ------------------------------------------------------------ fitted values
     def _re_contribution(self) -> np.ndarray:
         z = np.zeros(self.nobs)

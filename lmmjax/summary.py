@@ -98,6 +98,8 @@ def _fixed_corr(m) -> list[str]:
 
 def format_summary(m, ddf: str | None = "satterthwaite") -> str:
     res = m.residuals / m.sigma
+    if m.weights is not None:         # lme4's scaled Pearson residuals: √wᵢ rᵢ / σ
+        res = res * np.sqrt(m.weights)
     q = np.quantile(res, [0, 0.25, 0.5, 0.75, 1.0])
     scaled = pd.DataFrame([q], columns=["Min", "1Q", "Median", "3Q", "Max"]).to_string(
         index=False, float_format=lambda v: f"{v:.4f}")
