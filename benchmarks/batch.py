@@ -655,6 +655,18 @@ def report(R: dict, args, sections: dict, wall_total: float) -> str:  # noqa: C9
               f"{x['df32']:.5g}, theta {x['theta64']:.3g} -> {x['theta32']:.3g}, dlogLik {x['dll']:+.2g}")
         w("")
 
+    # 6b. prior weights
+    wt = R.get("weights")
+    if wt:
+        base = wt["none"]["med"]
+        w("== prior weights (lmer_batch(..., weights=)), same data, each against an unweighted run here ==")
+        w(f"  unweighted        {fs(base)} {runs(wt['none']['times'])}")
+        for key, label in (("shared", "one shared vector"), ("per_gene", "n x G (voom-like)")):
+            x = wt[key]
+            w(f"  {label:<17} {fs(x['med'])} {runs(x['times'])}  = {x['med'] / base:.2f}x unweighted; "
+              f"converged {x['converged']}, failed {x['failed']} of {G}")
+        w("")
+
     # 7a. random slopes
     sl = R.get("slope")
     if sl:
@@ -944,6 +956,18 @@ def main(argv=None) -> int:  # noqa: C901
                               for i in worst[::-1][:3]]
             log(f"  float32 warm {f32['med']:.3f} s")
             del f32
+
+        # ---------------------------------------------------------------- prior weights
+        with section("weights"):
+            wrng = np.random.default_rng(args.seed + 3)
+            obs_w = obs.assign(w=wrng.uniform(0.3, 2.5, len(obs)))
+            Wm = wrng.uniform(0.3, 2.5, size=Y.shape)      # per-gene precision weights, like voom's
+            R["weights"] = {}
+            for key, kw in (("none", {}), ("shared", dict(weights="w")), ("per_gene", dict(weights=Wm))):
+                r_ = lmmjax_warm_simple(FORMULA, obs_w, Y, args.reps, counter, log, **kw)
+                R["weights"][key] = {k: r_[k] for k in ("times", "med", "converged", "failed")}
+                log(f"  {key}: warm {r_['med']:.3f} s")
+            del Wm
 
         # ---------------------------------------------------------------- random slopes
         if not args.no_slope:

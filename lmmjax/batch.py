@@ -706,16 +706,31 @@ class BatchResult:
         ddf: "satterthwaite" (lmerTest), "kenward-roger" (pbkrtest: adjusted SE and df),
         "residual" (n − p), "asymptotic" (z)."""
         j = self._coef_index(coef)
+        return self.estimate_table(np.eye(self.design.p)[j], ddf, level)
+
+    def estimate_table(self, contrast, ddf: str = "satterthwaite", level: float = 0.95) -> pd.DataFrame:
+        """:meth:`coef_table` for a linear combination cᵀβ of the coefficients (``contrast``:
+        p weights in coefficient order, or a Series indexed by coefficient name): estimate,
+        se, df, t, p, p_adj, CI, converged, singular for every response."""
+        if isinstance(contrast, pd.Series):
+            unknown = set(contrast.index) - set(self.fixef.columns)
+            if unknown:
+                raise ValueError(f"contrast names {sorted(unknown)} are not coefficients {list(self.fixef.columns)}")
+            contrast = contrast.reindex(self.fixef.columns, fill_value=0.0)
+        c = np.asarray(contrast, float).ravel()
+        if c.shape != (self.design.p,):
+            raise ValueError(f"a contrast has one weight per coefficient ({self.design.p}: "
+                             f"{list(self.fixef.columns)}), got {c.size}")
         ddf = normalize_ddf(ddf)
-        est = self.fixef.iloc[:, j].to_numpy()
-        L = np.eye(self.design.p)[[j]]
+        est = self.fixef.to_numpy() @ c
+        L = c[None, :]
         if ddf == "kenward-roger":
             Phi, PhiA, W, Pk = self._kenward_roger()
-            se = np.sqrt(PhiA[:, j, j])
+            se = np.sqrt(np.einsum("i,gij,j->g", c, PhiA, c))
             with np.errstate(invalid="ignore", divide="ignore"):
                 df = kr_test(L, np.nan_to_num(self.fixef.to_numpy()), *map(np.nan_to_num, (Phi, PhiA, W, Pk)))["den_df"]
         else:
-            se = np.sqrt(self.vcov[:, j, j])
+            se = np.sqrt(np.einsum("i,gij,j->g", c, self.vcov, c))
             if ddf == "satterthwaite":
                 C, J, A = self._satterthwaite()
                 df = _satt_df_rows(L, C, J, A)[:, 0]
@@ -1054,8 +1069,7 @@ def lmer_batch(formula: str, data=None, responses=None, reml: bool = True, *, na
         shared_stats.append(_take(ch["stats"], full))
         if (ch["masked"] & ok).any():
             mk = ch["masked"] & ok            # (a masked response already failed keeps its reason)
-            dsm = masked_design_stats(design, ch["mask"][:, mk])
-            dsm["n"] = (ch["mask"][:, mk] > 0).sum(axis=0).astype(float)   # rows used (weights ≠ counts)
+            dsm = masked_design_stats(design, ch["mask"] if mk.all() else ch["mask"][:, mk])
             prob = _masked_problems(design, dsm)
             good = np.array([m is None for m in prob])
             errors[cols[mk]] = prob

@@ -838,23 +838,23 @@ def response_stats(design: Design, Y: np.ndarray) -> dict:
     return out
 
 
-def _row_cross(ca, va, cb, vb, width_b, width, M):
-    """Σ_i M[i, g] · (a_i ⊗ b_i) for every column g of the 0/1 mask ``M`` (n × G), where
-    row i of a (b) has its nonzeros ``va[i]`` (``vb[i]``) at columns ``ca[i]`` (``cb[i]``).
-    One sparse (n × width) matrix and one product: shape (G, width)."""
+def _row_cross_matrix(ca, va, cb, vb, width_b, width):
+    """The sparse n × ``width`` matrix whose row i is a_i ⊗ b_i, where row i of a (b) has its
+    nonzeros ``va[i]`` (``vb[i]``) at columns ``ca[i]`` (``cb[i]``): Σ_i M[i, g] (a_i ⊗ b_i)
+    for every column g of a weight matrix M is then one product with M."""
     n = ca.shape[0]
     cols = (ca[:, :, None] * width_b + cb[:, None, :]).reshape(n, -1)
     vals = (va[:, :, None] * vb[:, None, :]).reshape(n, -1)
     rows = np.repeat(np.arange(n), cols.shape[1])
-    W = sp.csr_matrix((vals.ravel(), (rows, cols.ravel())), shape=(n, width))
-    return np.asarray((W.T @ M).T)
+    return sp.csr_matrix((vals.ravel(), (rows, cols.ravel())), shape=(n, width))
 
 
 def masked_design_stats(design: Design, M: np.ndarray) -> dict:
     """:func:`design_stats` for every column of the observation mask ``M`` (n × G, 1 where
-    the response is observed): the cross-products over each response's own rows, with a
-    leading axis G.  ``Σ_i m_i z_i z_iᵀ`` etc. are mask-weighted sums of row outer
-    products, so the whole batch costs one sparse-times-dense product per statistic."""
+    the response is observed, or per-response prior weights): the cross-products over each
+    response's own rows, with a leading axis G.  ``Σ_i m_i z_i z_iᵀ`` etc. are weighted sums
+    of row outer products, linear in M: one sparse n × width matrix holds every statistic's
+    row products, and the whole batch is one product with M (one pass over it)."""
     M = np.asarray(M, dtype=float)
     G = M.shape[1]
     b1 = design.blocks[0]
@@ -863,22 +863,27 @@ def masked_design_stats(design: Design, M: np.ndarray) -> dict:
     ar1 = np.arange(q1)
     c1 = b1.index[:, None] * q1 + ar1[None, :]                 # Z₁ columns of each row
     cx = np.broadcast_to(np.arange(p), (n, p))
-    # D1: only the diagonal (per-level) blocks of Z₁ᵀZ₁
-    cd = (b1.index[:, None] * q1 + ar1[None, :])
-    D1 = _row_cross(cd, b1.Zq, np.broadcast_to(ar1, (n, q1)), b1.Zq, q1, l1 * q1 * q1, M)
-    stats = dict(
-        D1=D1.reshape(G, l1, q1, q1),
-        Z1X=_row_cross(c1, b1.Zq, cx, design.X, p, l1 * q1 * p, M).reshape(G, l1, q1, p),
-        XX=(M.T @ np.einsum("ni,nj->nij", design.X, design.X).reshape(n, -1)).reshape(G, p, p),
-        n=M.sum(axis=0),
-    )
+    parts = {  # name: (row-product matrix, shape of one response's statistic)
+        # D1: only the diagonal (per-level) blocks of Z₁ᵀZ₁
+        "D1": (_row_cross_matrix(c1, b1.Zq, np.broadcast_to(ar1, (n, q1)), b1.Zq, q1, l1 * q1 * q1), (l1, q1, q1)),
+        "Z1X": (_row_cross_matrix(c1, b1.Zq, cx, design.X, p, l1 * q1 * p), (l1, q1, p)),
+        "XX": (sp.csr_matrix(np.einsum("ni,nj->nij", design.X, design.X).reshape(n, -1)), (p, p)),
+    }
     if len(design.blocks) > 1:
         offs = np.cumsum([0] + [b.n_levels * b.q for b in design.blocks[1:]])
         cr = np.hstack([off + b.index[:, None] * b.q + np.arange(b.q)[None, :]
                         for off, b in zip(offs, design.blocks[1:])])
         vr = np.hstack([b.Zq for b in design.blocks[1:]])
         qr = int(offs[-1])
-        stats["Z1Zr"] = _row_cross(c1, b1.Zq, cr, vr, qr, l1 * q1 * qr, M).reshape(G, l1, q1, qr)
-        stats["ZrZr"] = _row_cross(cr, vr, cr, vr, qr, qr * qr, M).reshape(G, qr, qr)
-        stats["ZrX"] = _row_cross(cr, vr, cx, design.X, p, qr * p, M).reshape(G, qr, p)
+        parts["Z1Zr"] = (_row_cross_matrix(c1, b1.Zq, cr, vr, qr, l1 * q1 * qr), (l1, q1, qr))
+        parts["ZrZr"] = (_row_cross_matrix(cr, vr, cr, vr, qr, qr * qr), (qr, qr))
+        parts["ZrX"] = (_row_cross_matrix(cr, vr, cx, design.X, p, qr * p), (qr, p))
+    B = sp.hstack([m for m, _ in parts.values()], format="csc")
+    out = np.asarray(B.T @ M)                                   # (total width, G)
+    stats, start = {}, 0
+    for name, (m, shape) in parts.items():
+        w = m.shape[1]
+        stats[name] = np.ascontiguousarray(out[start: start + w].T).reshape((G,) + shape)
+        start += w
+    stats["n"] = (M > 0).sum(axis=0).astype(float)              # rows used (weights are not counts)
     return stats

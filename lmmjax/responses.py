@@ -146,32 +146,48 @@ class ResponseMatrix:
         leave the row out of that response's fit."""
         if Wc.shape != (self.n, len(cols)):
             raise DataError(f"per-response weights must be n × G ({self.n} × {self.G}); a chunk had shape {Wc.shape}")
-        Yc = self.Y[:, cols]
+        run = len(cols) > 0 and cols[-1] - cols[0] + 1 == len(cols)
+        Yc = self.Y[:, cols[0]: cols[-1] + 1] if run else self.Y[:, cols]      # a run of columns: a view
         Yc = np.asarray(Yc.toarray() if self.sparse else Yc, float)
         if design.offset is not None:
             Yc = Yc - design.offset[:, None]
         bad = np.full(len(cols), None, object)
-        wbad = ~np.isfinite(Wc) | (Wc < 0)
-        for j in np.flatnonzero(wbad.any(axis=0)):
-            i = int(np.flatnonzero(wbad[:, j])[0])
-            bad[j] = f"weights must be finite and >= 0 (row {i} has {Wc[i, j]:g})"
-        inf = np.isinf(Yc)
-        for j in np.flatnonzero(inf.any(axis=0) & ~wbad.any(axis=0)):
-            bad[j] = f"{int(inf[:, j].sum())} infinite value(s); use NaN for missing values"
-        use = np.isfinite(Yc) & np.isfinite(Wc) & (Wc > 0)
-        W = np.where(use, Wc, 0.0)
-        Y0 = np.where(use, Yc, 0.0)
-        ok = np.array([b is None for b in bad])
-        if ok.any():                     # constant (or exactly fitted) among the used values
-            faults = response_faults(design.X, np.where(use[:, ok], Yc[:, ok], np.nan))
-            for j, msg in zip(np.flatnonzero(ok), faults):
-                if msg is not None:
-                    bad[j] = msg
+        with np.errstate(invalid="ignore", over="ignore"):   # reductions: NaN/inf propagate (no n × c temporaries)
+            fine = np.isfinite(Yc.sum(axis=0)) & (Wc.min(axis=0, initial=np.inf) > 0) & np.isfinite(Wc.sum(axis=0))
+        if fine.all():                   # the common case: every row used, few passes over the data
+            W, Y0, use = Wc, Yc, None
+            # screened from the (unweighted) cross-products: the QR check only for candidates
+            faults = response_faults(design.X, Yc, Yc.T @ design.X, np.einsum("ng,ng->g", Yc, Yc))
+        else:
+            with np.errstate(invalid="ignore"):
+                wbad = ~np.isfinite(Wc) | (Wc < 0)
+            for j in np.flatnonzero(wbad.any(axis=0)):
+                i = int(np.flatnonzero(wbad[:, j])[0])
+                bad[j] = f"weights must be finite and >= 0 (row {i} has {Wc[i, j]:g})"
+            inf = np.isinf(Yc)
+            for j in np.flatnonzero(inf.any(axis=0) & ~wbad.any(axis=0)):
+                bad[j] = f"{int(inf[:, j].sum())} infinite value(s); use NaN for missing values"
+            with np.errstate(invalid="ignore"):
+                use = np.isfinite(Yc) & ~wbad & (Wc > 0)
+            W = np.where(use, Wc, 0.0)
+            Y0 = np.where(use, Yc, 0.0)
+            faults = np.full(len(cols), None, object)
+            ok = np.array([b is None for b in bad])
+            full, part = ok & fine, ok & ~fine      # constant (or exactly fitted) among the used values
+            if full.any():
+                Yf = Yc[:, full]
+                faults[full] = response_faults(design.X, Yf, Yf.T @ design.X, np.einsum("ng,ng->g", Yf, Yf))
+            if part.any():
+                faults[part] = response_faults(design.X, np.where(use[:, part], Yc[:, part], np.nan))
+        for j, msg in enumerate(faults):
+            if msg is not None and bad[j] is None:
+                bad[j] = msg
         from .design import response_stats
 
-        st = response_stats(design, W * Y0)               # Zᵀ(w∘y), Xᵀ(w∘y)
-        st["yy"] = np.einsum("ng,ng,ng->g", W, Y0, Y0)    # Σ wᵢyᵢ²
-        logw = np.sum(np.log(np.where(use, Wc, 1.0)), axis=0)
+        WY = W * Y0
+        st = response_stats(design, WY)                  # Zᵀ(w∘y), Xᵀ(w∘y)
+        st["yy"] = np.einsum("ng,ng->g", WY, Y0)         # Σ wᵢyᵢ²
+        logw = np.log(W if use is None else np.where(use, W, 1.0)).sum(axis=0)
         return dict(stats=st, mask=W, masked=np.ones(len(cols), bool), bad=bad, logw=logw)
 
 
