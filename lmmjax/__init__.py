@@ -21,8 +21,17 @@ from .model import FitError, lmer, precision
 from .optimize import ConvergenceWarning, SingularFitWarning
 from .results import LmerResult
 
+
+def __getattr__(name):          # the single-cell helpers import on first use (pertpy, if installed, is heavy)
+    if name in ("pseudobulk", "LmerDE"):
+        from . import singlecell
+
+        return getattr(singlecell, name)
+    raise AttributeError(f"module 'lmmjax' has no attribute {name!r}")
+
+
 __version__ = "0.1.0"
 __all__ = [
     "lmer", "lmer_batch", "gls", "cov", "GroupedResult", "BatchResult", "compare", "confint", "precision", "set_cpu_threads", "datasets", "LmerResult", "DataError", "FormulaError", "InputError", "FitError",
-    "ConvergenceWarning", "SingularFitWarning",
+    "ConvergenceWarning", "SingularFitWarning", "pseudobulk", "LmerDE",
 ]
