@@ -266,6 +266,48 @@ def sparse_satterthwaite(vp, stats, layout: Layout, reml: bool):
     return H, jnp.moveaxis(dM, 0, -1), m_of(v0)
 
 
+def _d2_logdet(Si, dS):
+    """∂ᵢⱼ log|S| (first-order part) = −tr(S⁻¹∂ᵢS S⁻¹∂ⱼS), one product S⁻¹∂ᵢS per parameter."""
+    X = Si @ dS
+    return -jnp.einsum("iab,jba->ij", X, X)
+
+
+def _d2_logdet_scalar(Si, S, dS1, lam, bounds):
+    r""":func:`_d2_logdet` when every later term is scalar: S = ΛAΛ + I with Λ = diag(λ),
+    λ constant (λ_t) on term t's block E_t.  With N = S − I and M = S⁻¹N = I − S⁻¹ (they
+    commute), ∂_tS = (E_tN + NE_t)/λ_t, so the later-term entries need no product at all:
+
+        tr(S⁻¹∂_tS S⁻¹∂_uS) λ_tλ_u = 2⟨M∘M⟩_tu + ⟨S⁻¹∘(N − M)⟩_tu + ⟨S⁻¹∘(N − M)⟩_ut
+
+    (⟨·⟩_tu: the sum over block t × block u), and with X_a = S⁻¹∂_aS for the first term's
+    parameters (D_a = ∂_aS, ``dS1``),
+
+        tr(X_a S⁻¹∂_tS) λ_t = 2 Σ_{i∈t} (X_a − X_a S⁻¹)_ii = 2 Σ_{i∈t} [diag X_a − rowsum(X_a∘S⁻¹)]_i,
+        tr(X_a X_b) = Σ X_a∘X_bᵀ.
+
+    InstEval: one 1,142³ product per evaluation instead of three.  Needs every λ_t ≠ 0 (the
+    caller falls back to :func:`_d2_logdet` at the boundary)."""
+    nS = S.shape[0]
+    eye = jnp.eye(nS, dtype=S.dtype)
+    M = eye - Si
+    NM = S + Si - 2.0 * eye                       # N − M
+    blocks = list(zip(bounds[:-1], bounds[1:]))
+
+    def bsum2(P):
+        return jnp.stack([jnp.stack([jnp.sum(P[a:b, c:e]) for c, e in blocks]) for a, b in blocks])
+
+    Q = bsum2(Si * NM)
+    tt = (2.0 * bsum2(M * M) + Q + Q.T) / (lam[:, None] * lam[None, :])
+    k1 = dS1.shape[0]
+    if k1 == 0:
+        return -tt
+    X = Si @ dS1                                   # (k1, nS, nS)
+    aa = jnp.einsum("iab,jba->ij", X, X)
+    r = jnp.diagonal(X, axis1=-2, axis2=-1) - jnp.einsum("kab,ab->ka", X, Si)
+    at = 2.0 * jnp.stack([jnp.sum(r[:, a:b], axis=1) for a, b in blocks], axis=1) / lam[None, :]
+    return -jnp.block([[aa, at], [at.T, tt]])
+
+
 def _sparse_derivatives(theta, extra, stats, layout: Layout, outer):
     r"""Value, exact gradient and exact Hessian in (θ, e) of h(u(θ), e) for a sparse design,
     at the cost of one inverse of S₂₂ and k products S₂₂⁻¹ ∂ᵢS₂₂ (k = len θ), instead of
@@ -351,8 +393,14 @@ def _sparse_derivatives(theta, extra, stats, layout: Layout, outer):
     gs = gz[:nv]
     g_small, g_ld, g_C = unravel(gs)
     # second-order terms of log|S| and C along first-order tangents
-    X = Si @ dS
-    d2ld = -jnp.einsum("iab,jba->ij", X, X)
+    Ts_now = layout.factors(theta)
+    if _rest_scale(Ts_now, layout) is None:
+        d2ld = _d2_logdet(Si, dS)
+    else:      # scalar later terms: one product per first-term parameter, not per parameter
+        lam = jnp.stack([T[0, 0] for T in Ts_now[1:]])
+        bounds = np.cumsum([0] + list(layout.n_levels[1:]))
+        d2ld = jax.lax.cond(jnp.all(lam != 0), lambda: _d2_logdet_scalar(Si, S, dS[:k1], lam, bounds),
+                            lambda: _d2_logdet(Si, dS))
     Y = Si @ dB
     Z = Si @ V
     BY = jnp.einsum("jam,ian->ijmn", dB, Y)            # ∂ⱼBᵀYᵢ

@@ -202,3 +202,19 @@ def test_variance_partition_plots(tmp_path):
         assert len(ax2.patches) == 4
         ax2.figure.savefig(tmp_path / "vp1.png")
     assert (tmp_path / "vp.png").stat().st_size > 1000
+
+
+def test_weighted_kenward_roger():
+    """pbkrtest ignores prior weights (Σ = ZGZᵀ + σ²I); the reference is pbkrtest on the
+    equivalent unweighted model of √w-scaled rows.  lmer and lmer_batch (shared weights)
+    agree with it: SE 1e-5, df 1e-4."""
+    ref = FIX["kr_weighted"]
+    df = _frame("sleepstudy")
+    m = lmmjax.lmer(ref["formula"], df, weights=ref["weights"])
+    assert abs(m.reml_criterion - ref["criterion"]) < 1e-6 * abs(ref["criterion"])
+    tab = m.coef_table(ddf="kenward-roger")
+    np.testing.assert_allclose(tab["se"].to_numpy(), ref["se"], rtol=RTOL)
+    np.testing.assert_allclose(tab["df"].to_numpy(), ref["df"], rtol=1e-4)
+    res = lmmjax.lmer_batch("~ Days + (Days | Subject)", df, df[["Reaction"]].to_numpy(), weights="w", progress=False)
+    bt = res.coef_table("Days", ddf="kenward-roger")
+    np.testing.assert_allclose(bt[["se", "df"]].to_numpy()[0], [ref["se"][1], ref["df"][1]], rtol=1e-4)

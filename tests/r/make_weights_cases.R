@@ -48,6 +48,18 @@ single <- list(
   sleep_unweighted = one("Reaction ~ Days + (Days | Subject)", transform(ss, one = 1), TRUE, "one")
 )
 
+## Kenward-Roger under prior weights: pbkrtest builds Sigma = ZGZ' + sigma^2 I and ignores the
+## weights (its KR for lmer(..., weights = w) is that of another model), so the reference is
+## pbkrtest on the equivalent unweighted model of the sqrt(w)-scaled rows (same REML criterion
+## up to sum(log w), same estimates)
+ss$sw <- sqrt(ss$w); ss$yw <- ss$Reaction * ss$sw; ss$dw <- ss$Days * ss$sw
+mt <- lmer(yw ~ 0 + sw + dw + (0 + sw + dw | Subject), ss, control = ctrl)
+ctt <- summary(mt, ddf = "Kenward-Roger")$coefficients
+kr_weighted <- list(formula = "Reaction ~ Days + (Days | Subject)", weights = "w",
+                    criterion = REMLcrit(mt) - sum(log(ss$w)), se = unname(ctt[, "Std. Error"]),
+                    df = unname(ctt[, "df"]))
+ss$sw <- NULL; ss$yw <- NULL; ss$dw <- NULL
+
 ## batch: 40 cells in 8 donors (4 per condition), 6 genes, per-gene (voom-like) weights
 set.seed(12)
 n <- 48
@@ -78,6 +90,7 @@ batch <- list(formula = "~ cond + x + (1 | donor)", obs = obs, Y = Y, W = Wt, sh
               coef_names = names(fixef(lmer(Y[, 1] ~ cond + x + (1 | donor), obs))),
               per_gene = batch_fit(Wt), shared = batch_fit(matrix(shared_w, n, G)))
 out <- list(data = list(sleepstudy = ss, penicillin = pen), single = single, batch = batch,
+            kr_weighted = kr_weighted,
             versions = list(lme4 = as.character(packageVersion("lme4")),
                             lmerTest = as.character(packageVersion("lmerTest"))))
 dir.create("tests/fixtures/weights", showWarnings = FALSE, recursive = TRUE)
