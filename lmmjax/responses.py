@@ -187,8 +187,23 @@ class ResponseMatrix:
         WY = W * Y0
         st = response_stats(design, WY)                  # Zᵀ(w∘y), Xᵀ(w∘y)
         st["yy"] = np.einsum("ng,ng->g", WY, Y0)         # Σ wᵢyᵢ²
-        logw = np.log(W if use is None else np.where(use, W, 1.0)).sum(axis=0)
+        logw = _sum_log(W if use is None else np.where(use, W, 1.0))
         return dict(stats=st, mask=W, masked=np.ones(len(cols), bool), bad=bad, logw=logw)
+
+
+def _sum_log(W: np.ndarray, block: int = 8) -> np.ndarray:
+    """Σᵢ log Wᵢ per column (W > 0) with one log per ``block`` rows: the logs of products of
+    ``block`` weights (exact to a few ulps; ~8× fewer logs), and the plain sum for a column
+    where such a product over- or underflows."""
+    n = W.shape[0]
+    m = n - n % block
+    with np.errstate(over="ignore", under="ignore", divide="ignore", invalid="ignore"):
+        P = W[:m].reshape(m // block, block, -1).prod(axis=1)
+        out = np.log(P).sum(axis=0) + np.log(W[m:]).sum(axis=0)
+    bad = ~np.isfinite(out) | (P == 0).any(axis=0) | ~np.isfinite(P).all(axis=0) | (P < 1e-290).any(axis=0)
+    if bad.any():
+        out[bad] = np.log(W[:, bad]).sum(axis=0)
+    return out
 
 
 def _sparse_faults(Yc) -> np.ndarray:
