@@ -225,7 +225,9 @@ def _profile(m, level):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             mml = lmer(m.formula, m.data, reml=False, weights=getattr(m, "weights_arg", None))
-    dev0 = mml.deviance
+    # the profiles evaluate the criterion on the fit's statistics, which under prior weights
+    # are those of the √w-scaled rows: the deviance there is the reported one + Σ log wᵢ
+    dev0 = mml.deviance + mml.design.log_weights
     psi0 = varpar_values(mml)
     rows = {}
     with precision():

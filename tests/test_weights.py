@@ -218,3 +218,13 @@ def test_weighted_kenward_roger():
     res = lmmjax.lmer_batch("~ Days + (Days | Subject)", df, df[["Reaction"]].to_numpy(), weights="w", progress=False)
     bt = res.coef_table("Days", ddf="kenward-roger")
     np.testing.assert_allclose(bt[["se", "df"]].to_numpy()[0], [ref["se"][1], ref["df"][1]], rtol=1e-4)
+
+
+def test_weighted_profile_intervals():
+    """Profile intervals of σ_Subject and σ under weights equal lme4's (1e-4 relative); the
+    profiles work on the √w-scaled statistics, whose deviance is the reported one + Σ log w."""
+    ref = FIX["profile_weighted"]
+    m = lmmjax.lmer(ref["formula"], _frame("sleepstudy"), weights=ref["weights"])
+    ci = m.confint()
+    np.testing.assert_allclose(ci["lower"].to_numpy()[:2], ref["lower"], rtol=1e-4)
+    np.testing.assert_allclose(ci["upper"].to_numpy()[:2], ref["upper"], rtol=1e-4)

@@ -60,6 +60,13 @@ kr_weighted <- list(formula = "Reaction ~ Days + (Days | Subject)", weights = "w
                     df = unname(ctt[, "df"]))
 ss$sw <- NULL; ss$yw <- NULL; ss$dw <- NULL
 
+## profile intervals of the variance parameters under weights (lme4's fixed-effect profiles
+## with weights are non-monotonic and fall back to linear interpolation: not used)
+mi <- lmer(Reaction ~ Days + (1 | Subject), ss, weights = w, control = ctrl)
+pci <- suppressWarnings(suppressMessages(confint(mi, parm = 1:2, oldNames = FALSE)))
+profile_weighted <- list(formula = "Reaction ~ Days + (1 | Subject)", weights = "w",
+                         lower = unname(pci[, 1]), upper = unname(pci[, 2]))
+
 ## batch: 40 cells in 8 donors (4 per condition), 6 genes, per-gene (voom-like) weights
 set.seed(12)
 n <- 48
@@ -90,7 +97,7 @@ batch <- list(formula = "~ cond + x + (1 | donor)", obs = obs, Y = Y, W = Wt, sh
               coef_names = names(fixef(lmer(Y[, 1] ~ cond + x + (1 | donor), obs))),
               per_gene = batch_fit(Wt), shared = batch_fit(matrix(shared_w, n, G)))
 out <- list(data = list(sleepstudy = ss, penicillin = pen), single = single, batch = batch,
-            kr_weighted = kr_weighted,
+            kr_weighted = kr_weighted, profile_weighted = profile_weighted,
             versions = list(lme4 = as.character(packageVersion("lme4")),
                             lmerTest = as.character(packageVersion("lmerTest"))))
 dir.create("tests/fixtures/weights", showWarnings = FALSE, recursive = TRUE)
