@@ -879,9 +879,14 @@ class BatchResult:
             raise KeyError(f"no response named {name!r}") from None
         resp = self.design.response_name or "_response_"
         data = self._data.assign(**{resp: self._responses.column(i)})
+        w = self.design.weights                               # shared prior weights, or
+        if getattr(self, "_weights", None) is not None:       # this response's (0: row not used)
+            w = _weight_columns(self._weights, np.array([i]))[:, 0]
+            w = np.where(w > 0, w, np.nan)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return lmer(f"{resp} ~ {self._formula.split('~', 1)[1]}", data, reml=self.reml, dtype=self.dtype)
+            return lmer(f"{resp} ~ {self._formula.split('~', 1)[1]}", data, reml=self.reml, dtype=self.dtype,
+                        weights=w)
 
 
 def _dense_batch(dstats: dict, layout: Layout) -> dict:

@@ -147,6 +147,8 @@ def test_batch_weights_with_missing_values_and_bad_columns():
         m = lmmjax.lmer("y" + b["formula"], obs.iloc[keep].assign(y=Y[keep, g], w=W[keep, g]), weights="w")
         assert m.loglik == pytest.approx(res.loglik.iloc[g], abs=1e-6)
         assert res.nobs.iloc[g] == len(keep)
+    one = res[res.names[3]]                 # the single-model result of a weighted response
+    assert one.loglik == pytest.approx(res.loglik.iloc[3], abs=1e-6) and one.nobs == len(obs) - 1
     ok = lmmjax.lmer_batch(b["formula"], obs, Y[:, :5], weights=W[:, :5], progress=False)
     np.testing.assert_array_equal(ok.fixef.to_numpy(), res.fixef.to_numpy()[:5])
 
