@@ -795,14 +795,9 @@ class BatchResult:
     def varcorr(self) -> pd.DataFrame:
         """Variance components of every response, long format like
         ``as.data.frame(VarCorr(fit))``: response, group, term1, term2, vcov, sdcor."""
-        theta, s2 = self.theta.to_numpy(), self.sigma.to_numpy() ** 2
-        lay, frames, off = self.design.layout, [], 0
-        for b, s in zip(self.design.blocks, lay.structures):
-            t = theta[:, off: off + s.n_params]
-            off += s.n_params
-            rows, cols = (np.array(a, int) for a in zip(*s.positions))
-            T = np.zeros((len(self), s.q, s.q))
-            T[:, rows, cols] = t
+        s2 = self.sigma.to_numpy() ** 2
+        lay, frames = self.design.layout, []
+        for b, s, T in zip(self.design.blocks, lay.structures, self._templates()):
             S = s2[:, None, None] * T @ np.swapaxes(T, 1, 2)
             sd = np.sqrt(np.maximum(np.diagonal(S, axis1=1, axis2=2), 0.0))
             for i, nm in enumerate(b.colnames):
@@ -818,6 +813,17 @@ class BatchResult:
                                     "sdcor": np.sqrt(s2)}, index=self.theta.index))
         return pd.concat(frames).reset_index()
 
+    def _templates(self) -> list[np.ndarray]:
+        """Every response's Λ template per term (G, q, q), from θ."""
+        theta, Ts, off = self.theta.to_numpy(), [], 0
+        for s in self.design.layout.structures:
+            rows, cols = (np.array(a, int) for a in zip(*s.positions))
+            T = np.zeros((len(self), s.q, s.q))
+            T[:, rows, cols] = theta[:, off: off + s.n_params]
+            off += s.n_params
+            Ts.append(T)
+        return Ts
+
     def variance_partition(self, fixed: bool = True, fractions: bool = True) -> pd.DataFrame:
         """Fraction of variance explained by each random-effects column, each fixed-effects
         column (``fixed``) and the residual, per response (rows sum to one; ``fractions=False``
@@ -825,15 +831,9 @@ class BatchResult:
         :mod:`lmmjax.varpart`.  Failed responses are NaN."""
         from .varpart import fractions as to_fractions, variance_components
 
-        theta, s2 = self.theta.to_numpy(), self.sigma.to_numpy() ** 2
-        Ts, off = [], 0
-        for s in self.design.layout.structures:
-            rows, cols = (np.array(a, int) for a in zip(*s.positions))
-            T = np.zeros((len(self), s.q, s.q))
-            T[:, rows, cols] = theta[:, off: off + s.n_params]
-            off += s.n_params
-            Ts.append(T)
-        comp = variance_components(self.design, Ts, s2, self.fixef.to_numpy(), self._row_weights(), fixed)
+        s2 = self.sigma.to_numpy() ** 2
+        comp = variance_components(self.design, self._templates(), s2, self.fixef.to_numpy(), self._row_weights(),
+                                   fixed)
         comp.index = self.theta.index
         return to_fractions(comp) if fractions else comp
 

@@ -394,7 +394,8 @@ def _sparse_derivatives(theta, extra, stats, layout: Layout, outer):
     g_small, g_ld, g_C = unravel(gs)
     # second-order terms of log|S| and C along first-order tangents
     Ts_now = layout.factors(theta)
-    if _rest_scale(Ts_now, layout) is None:
+    scalar_rest = _rest_scale(Ts_now, layout) is not None
+    if not scalar_rest:
         d2ld = _d2_logdet(Si, dS)
     else:      # scalar later terms: one product per first-term parameter, not per parameter
         lam = jnp.stack([T[0, 0] for T in Ts_now[1:]])
@@ -414,7 +415,7 @@ def _sparse_derivatives(theta, extra, stats, layout: Layout, outer):
     B_bar = W @ (g_C + g_C.T)
 
     g_small_flat = jax.flatten_util.ravel_pytree(g_small)[0]
-    if _rest_scale(layout.factors(theta), layout) is None:
+    if not scalar_rest:
         def lin(th):
             sm, S_, B_ = up(th)
             return (jax.flatten_util.ravel_pytree(sm)[0] @ g_small_flat
