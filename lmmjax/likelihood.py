@@ -266,6 +266,11 @@ def sparse_satterthwaite(vp, stats, layout: Layout, reml: bool):
     return H, jnp.moveaxis(dM, 0, -1), m_of(v0)
 
 
+def _block_sums2(P, blocks):
+    """The sums of P over every pair of index blocks ``[(start, stop), ...]`` (a small matrix)."""
+    return jnp.stack([jnp.stack([jnp.sum(P[a:b, c:e]) for c, e in blocks]) for a, b in blocks])
+
+
 def _d2_logdet(Si, dS):
     """∂ᵢⱼ log|S| (first-order part) = −tr(S⁻¹∂ᵢS S⁻¹∂ⱼS), one product S⁻¹∂ᵢS per parameter."""
     X = Si @ dS
@@ -292,12 +297,8 @@ def _d2_logdet_scalar(Si, S, dS1, lam, bounds):
     M = eye - Si
     NM = S + Si - 2.0 * eye                       # N − M
     blocks = list(zip(bounds[:-1], bounds[1:]))
-
-    def bsum2(P):
-        return jnp.stack([jnp.stack([jnp.sum(P[a:b, c:e]) for c, e in blocks]) for a, b in blocks])
-
-    Q = bsum2(Si * NM)
-    tt = (2.0 * bsum2(M * M) + Q + Q.T) / (lam[:, None] * lam[None, :])
+    Q = _block_sums2(Si * NM, blocks)
+    tt = (2.0 * _block_sums2(M * M, blocks) + Q + Q.T) / (lam[:, None] * lam[None, :])
     k1 = dS1.shape[0]
     if k1 == 0:
         return -tt
@@ -428,7 +429,7 @@ def _sparse_derivatives(theta, extra, stats, layout: Layout, outer):
         blocks = list(zip(bounds[:-1], bounds[1:]))
 
         def bsum2(M):
-            return jnp.stack([jnp.stack([jnp.sum(M[a:b, c:e]) for c, e in blocks]) for a, b in blocks])
+            return _block_sums2(M, blocks)
 
         def bsum1(M):
             return jnp.stack([jnp.sum(M[a:b]) for a, b in blocks])
