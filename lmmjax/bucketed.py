@@ -33,7 +33,6 @@ a traced 0/1 flag, not a static argument: REML and ML fits share the programs.
 from __future__ import annotations
 
 import math
-from functools import partial
 
 import jax
 import jax.numpy as jnp

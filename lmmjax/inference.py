@@ -42,7 +42,6 @@ S = D/σ², which stays valid when a variance is 0).
 """
 from __future__ import annotations
 
-import math
 from functools import partial
 
 import jax

@@ -9,7 +9,6 @@ missing values (NaN), its observation mask.
 """
 from __future__ import annotations
 
-import warnings
 
 import numpy as np
 import pandas as pd
