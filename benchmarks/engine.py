@@ -84,7 +84,7 @@ if tool == "lmmjax":
         m = lmmjax.lmer(f, df, warn=False)
         return m, m.reml_criterion
     def summary(m):
-        m.summary()
+        print(m.summary())
 elif tool == "lme-python":
     import lme_python
     def fit(f, df):

@@ -130,7 +130,7 @@ LMMJAX_COLD = """\
 import pandas as pd, lmmjax
 d = pd.read_csv({csv!r}, dtype={dtypes!r})
 m = lmmjax.lmer({formula!r}, data=d, reml=True)
-m.summary()
+print(m.summary())
 """
 
 

@@ -2,7 +2,7 @@
 
 >>> import lmmjax
 >>> m = lmmjax.lmer("Reaction ~ Days + (Days | Subject)", lmmjax.datasets.sleepstudy())
->>> m.summary()
+>>> print(m.summary())
 """
 from ._cache import enable_persistent_cache
 
@@ -22,16 +22,20 @@ from .optimize import ConvergenceWarning, SingularFitWarning
 from .results import LmerResult
 
 
-def __getattr__(name):          # the single-cell helpers import on first use (pertpy, if installed, is heavy)
-    if name in ("pseudobulk", "LmerDE"):
-        from . import singlecell
+#: names imported on first use (pertpy, if installed, is heavy; the rest keep import short)
+_LAZY = {"pseudobulk": "singlecell", "LmerDE": "singlecell", "center": "effectsize", "power": "power"}
 
-        return getattr(singlecell, name)
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'lmmjax' has no attribute {name!r}")
 
 
 __version__ = "0.1.0"
 __all__ = [
     "lmer", "lmer_batch", "gls", "cov", "GroupedResult", "BatchResult", "compare", "confint", "precision", "set_cpu_threads", "datasets", "LmerResult", "DataError", "FormulaError", "InputError", "FitError",
-    "ConvergenceWarning", "SingularFitWarning", "pseudobulk", "LmerDE",
+    "ConvergenceWarning", "SingularFitWarning", "pseudobulk", "LmerDE", "center", "power",
 ]

@@ -11,7 +11,7 @@ def _demo(args) -> int:
     data = lmmjax.datasets.load(args.dataset)
     formula = args.formula or _DEMOS[args.dataset.lower()]
     m = lmmjax.lmer(formula, data, reml=not args.ml)
-    m.summary()
+    print(m.summary())
     return 0
 
 
@@ -23,7 +23,7 @@ def _fit(args) -> int:
     data = pd.read_csv(args.data)
     data._lmmjax_name = args.data
     m = lmmjax.lmer(args.formula, data, reml=not args.ml)
-    m.summary()
+    print(m.summary())
     return 0
 
 

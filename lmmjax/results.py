@@ -265,17 +265,47 @@ class LmerResult(InferenceMixin):
         return simulate(self, nsim, seed)
 
     # ------------------------------------------------------------ printing
-    def summary(self, ddf: str | None = "satterthwaite", print_: bool = True) -> str:
+    def summary(self, ddf: str | None = "satterthwaite", print_: bool = False) -> "SummaryText":
         """lme4/lmerTest-style summary; ``ddf`` picks the df method for the fixed-effects
         table ("satterthwaite" default, "kenward-roger", "residual", "asymptotic",
-        or None for lme4's table without p-values)."""
-        from .inference import normalize_ddf
-        from .summary import format_summary
+        or None for lme4's table without p-values).
 
-        text = format_summary(self, None if ddf is None else normalize_ddf(ddf))
+        Returns the text as a :class:`~lmmjax.summary.SummaryText` (a ``str`` that displays
+        as itself, so a notebook or REPL shows it once); ``print(m.summary())`` in scripts,
+        or ``print_=True``."""
+        from .inference import normalize_ddf
+        from .summary import SummaryText, format_summary
+
+        text = SummaryText(format_summary(self, None if ddf is None else normalize_ddf(ddf)))
         if print_:
             print(text)
         return text
+
+    # ------------------------------------------------------------ effect sizes, EMMs, plots
+    def r2(self) -> pd.Series:
+        """Marginal and conditional R² (Nakagawa & Schielzeth 2013; random slopes by Johnson
+        2014), as ``performance::r2_nakagawa``; see :func:`lmmjax.effectsize.r2`."""
+        from .effectsize import r2
+
+        return r2(self)
+
+    def icc(self) -> pd.Series:
+        """Adjusted and conditional ICC, as ``performance::icc``; see :func:`lmmjax.effectsize.icc`."""
+        from .effectsize import icc
+
+        return icc(self)
+
+    def emmeans(self, specs, **kwargs):
+        """Estimated marginal means (R's ``emmeans``); see :func:`lmmjax.emmeans.emmeans`."""
+        from .emmeans import emmeans
+
+        return emmeans(self, specs, **kwargs)
+
+    def plot(self, **kwargs):
+        """The default diagnostic panel (matplotlib); see :func:`lmmjax.plots.diagnostics`."""
+        from .plots import diagnostics
+
+        return diagnostics(self, **kwargs)
 
     def __repr__(self) -> str:
         from .summary import format_short

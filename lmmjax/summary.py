@@ -5,6 +5,17 @@ import numpy as np
 import pandas as pd
 
 
+class SummaryText(str):
+    """A summary's text: a ``str`` whose repr is the text itself, so a notebook or REPL
+    shows it once, formatted (not printed and then echoed as an escaped string)."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+    def _repr_pretty_(self, p, cycle):      # IPython
+        p.text(str(self))
+
+
 def _num(x: float) -> str:
     """4 significant digits without switching to exponent notation for ordinary sizes."""
     if x == 0 or not np.isfinite(x):

@@ -96,6 +96,16 @@ def test_summary_sections(fit):
     assert "Random effects" in repr(fit)
 
 
+def test_summary_displays_once(fit, capsys):
+    """summary() returns its text without printing; its repr is the text itself (a notebook
+    shows it once, not printed and then echoed as an escaped string)."""
+    s = fit.summary()
+    assert capsys.readouterr().out == ""
+    assert repr(s) == str(s) and "\\n" not in repr(s) and s.startswith("Linear mixed model fit by REML")
+    fit.summary(print_=True)
+    assert capsys.readouterr().out == str(s) + "\n"
+
+
 def test_ml_summary_has_information_criteria(sleep):
     m = lmmjax.lmer("Reaction ~ Days + (Days | Subject)", sleep, reml=False)
     s = m.summary(print_=False)
