@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import _export
 from ._linalg import chol_small, tril_inv_small
 from .likelihood import Layout, criterion, dense_rest, eliminate_first, finish_fixed, solve_from
 
@@ -459,7 +460,7 @@ def fit(stats: dict, layout: Layout, reml: bool, dtype, theta0=None, maxiter: in
         # always CRIT_ROWS points (one program shape; the start grid and the probes fill it)
         t = np.asarray(t, float)
         rows = np.atleast_2d(t)
-        v = np.concatenate([np.asarray(crit_many(pad(np.resize(rows[i: i + CRIT_ROWS], (CRIT_ROWS, k))), S, reml),
+        v = np.concatenate([np.asarray(_export.call(crit_many, pad(np.resize(rows[i: i + CRIT_ROWS], (CRIT_ROWS, k))), S, reml),
                                        float)[: len(rows[i: i + CRIT_ROWS])] for i in range(0, len(rows), CRIT_ROWS)])
         return v if t.ndim == 2 else float(v[0])
 
@@ -470,7 +471,7 @@ def fit(stats: dict, layout: Layout, reml: bool, dtype, theta0=None, maxiter: in
         t0 = grid[0] if use_grid else np.asarray(theta, float)
         fr = np.zeros(kb, bool)
         fr[:k] = free
-        out = jax.device_get(newton(pad(t0)[0], pad(grid), use_grid, fr, np.int32(left), S, reml))
+        out = jax.device_get(_export.call(newton, pad(t0)[0], pad(grid), use_grid, fr, np.int32(left), S, reml))
         theta, packed, it, nv, nc, sol = out
         ev = _unpack(np.asarray(packed, float), kb, pb)
         satt = (ev["satt_H"][np.ix_(keep, keep)], ev["satt_dM"][:p, :p][..., keep], ev["satt_M"][:p, :p])

@@ -23,12 +23,11 @@ is vmappable over the statistics, which is what the batch path builds on.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from .likelihood import Layout, objective, sparse_value_grad_hess
 
@@ -63,25 +62,30 @@ class OptimizeResult:
     message: str
 
 
-_DIRECTION = optax.scale_by_lbfgs(memory_size=10)
+@lru_cache(maxsize=None)
+def _direction():
+    """optax's L-BFGS direction (imported on first use: a bucketed fit never needs it)."""
+    import optax
+
+    return optax.scale_by_lbfgs(memory_size=10)
 
 
 def _lbfgs_loop(vg, theta0, maxiter, gtol):
     """L-BFGS with backtracking Armijo search; returns (θ, f, g, iterations, evaluations)."""
     v0, g0 = vg(theta0)
-    init = (theta0, v0, g0, _DIRECTION.init(theta0), 0, 1, 0, jnp.max(jnp.abs(g0)) < gtol)
+    init = (theta0, v0, g0, _direction().init(theta0), 0, 1, 0, jnp.max(jnp.abs(g0)) < gtol)
 
     def cond(c):
         return (~c[7]) & (c[4] < maxiter)
 
     def body(c):
         theta, v, g, state, it, nfev, stall, _ = c
-        d, new_state = _DIRECTION.update(g, state, theta)
+        d, new_state = _direction().update(g, state, theta)
         slope = -jnp.vdot(d, g)
         bad = ~(slope < 0)
         d = jnp.where(bad, g / jnp.maximum(1.0, jnp.linalg.norm(g)), d)
         slope = -jnp.vdot(d, g)
-        new_state = jax.tree.map(lambda a, b: jnp.where(bad, a, b), _DIRECTION.init(theta), new_state)
+        new_state = jax.tree.map(lambda a, b: jnp.where(bad, a, b), _direction().init(theta), new_state)
 
         def ls_cond(ls):
             return (~ls[4]) & (ls[3] < 40)

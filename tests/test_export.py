@@ -1,0 +1,71 @@
+"""The on-disk exported programs (lmmjax._export): a fit served from a deserialized program
+equals the ordinary jitted fit, a second process-like load does not trace or export again, and
+a damaged file falls back to the ordinary path."""
+import jax
+import numpy as np
+import pytest
+
+import lmmjax
+from lmmjax import _export
+
+F = "Reaction ~ Days + (Days | Subject)"
+
+
+@pytest.fixture
+def export_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr(_export, "_cache_dir", lambda: tmp_path)
+    _export._LOADED.clear()
+    yield tmp_path
+    _export._LOADED.clear()
+
+
+def _same(a, b, tol=1e-10):
+    assert abs(a.reml_criterion - b.reml_criterion) <= tol * abs(b.reml_criterion)
+    np.testing.assert_allclose(a.theta, b.theta, rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(a.fixef, b.fixef, rtol=1e-9)
+    np.testing.assert_allclose(a.coef_table()["df"], b.coef_table()["df"], rtol=1e-7)
+
+
+def test_exported_fit_equals_jitted_fit(export_dir, monkeypatch):
+    sleep = lmmjax.datasets.sleepstudy()
+    with monkeypatch.context() as mp:
+        mp.setattr(_export, "_cache_dir", lambda: None)
+        direct = lmmjax.lmer(F, sleep)
+    first = lmmjax.lmer(F, sleep)                     # exports and writes the programs
+    files = sorted(export_dir.glob("*.jaxexport"))
+    assert files, "the Newton program should have been written"
+    _same(first, direct)
+    # a new process: nothing in memory; the programs come from disk, none is exported again
+    _export._LOADED.clear()
+
+    def no_export(*a, **k):
+        raise AssertionError("exported again although the file exists")
+
+    monkeypatch.setattr(jax.export, "export", no_export)
+    second = lmmjax.lmer(F, sleep)
+    assert all(v is not None for v in _export._LOADED.values())
+    _same(second, direct)
+    # REML and ML share the program (reml is a traced flag): no new file
+    lmmjax.lmer(F, sleep, reml=False)
+    assert sorted(export_dir.glob("*.jaxexport")) == files
+
+
+def test_damaged_file_falls_back(export_dir):
+    sleep = lmmjax.datasets.sleepstudy()
+    ref = lmmjax.lmer(F, sleep)
+    for f in export_dir.glob("*.jaxexport"):
+        f.write_bytes(b"not a program")
+    _export._LOADED.clear()
+    m = lmmjax.lmer(F, sleep)
+    assert any(v is None for v in _export._LOADED.values())
+    _same(m, ref)
+
+
+def test_key_changes_with_shapes_and_sources(monkeypatch):
+    a = (np.zeros(4), {"x": np.zeros((8, 2))})
+    b = (np.zeros(4), {"x": np.zeros((16, 2))})
+    f = lmmjax.bucketed.crit_many
+    assert _export._key(f, a) != _export._key(f, b)
+    k = _export._key(f, a)
+    monkeypatch.setattr(_export, "_SOURCE_HASH", ["edited"])
+    assert _export._key(f, a) != k
