@@ -464,7 +464,16 @@ class InferenceMixin:
     def _contrast_matrix(self, L) -> np.ndarray:
         return contrast_matrix(L, list(self.fixef.index), self.design)
 
-    def test(self, L, ddf: str = "satterthwaite"):
+    @staticmethod
+    def _one_row_t(l, beta, V, df, level: float) -> dict:
+        """t test and confidence interval of one contrast lβ with Var(lβ̂) = lVlᵀ."""
+        est = float(l @ beta)
+        se = float(np.sqrt(max(l @ V @ l, 0.0)))
+        tc = t_columns(np.array([est]), np.array([se]), np.array([float(df)]), level)
+        return dict(estimate=est, se=se, df=float(df), t=float(tc["t"][0]), p=float(tc["p"][0]),
+                    lower=float(tc["lower"][0]), upper=float(tc["upper"][0]))
+
+    def test(self, L, ddf: str = "satterthwaite", level: float = 0.95):
         """F test of Lβ = 0 (lmerTest's ``contest``).
 
         L: a matrix (rows = contrasts), a vector, a list of coefficient names (joint
@@ -473,6 +482,11 @@ class InferenceMixin:
         F_unscaled (the Wald F, Lβ̂ᵀ(LVLᵀ)⁻¹Lβ̂/q).  With ddf="kenward-roger", V is the
         adjusted Φ_A and F is K&R's scaled F with pbkrtest's df (``KRmodcomp``, which
         lmerTest's ``contest`` also reports); otherwise F = F_unscaled.
+
+        For a single contrast (one row) the Series also holds its t test, as lmerTest's
+        ``contest1D``: estimate lβ̂, se √(lVlᵀ), df (= den_df), t and the ``level``
+        confidence interval lower/upper; then p is the two-sided t p-value (= the F test's,
+        F = t² — also for Kenward-Roger, whose scaling is 1 for one row).
         """
         import pandas as pd
 
@@ -488,6 +502,7 @@ class InferenceMixin:
             kr = kr_test(Lm, beta, Phi, PhiA, W, Pk)
             out = dict(F=kr["F"], num_df=kr["num_df"], den_df=kr["den_df"], p=kr["p"],
                        F_unscaled=kr["F"] / kr["F_scaling"])
+            C = PhiA
         else:
             C = self.vcov.to_numpy()
             q = int(np.linalg.matrix_rank(Lm))
@@ -495,6 +510,8 @@ class InferenceMixin:
             F = float(Lb @ np.linalg.solve(Lm @ C @ Lm.T, Lb) / q)
             den = np.inf if ddf == "asymptotic" else float(self.nobs - beta.size)
             out = dict(F=F, num_df=q, den_df=den, p=f_sf(F, q, den), F_unscaled=F)
+        if Lm.shape[0] == 1:
+            out.update(self._one_row_t(Lm[0], beta, C, out["den_df"], level))
         return pd.Series(out)
 
     def anova(self, type: int | str = 3, ddf: str = "satterthwaite"):
