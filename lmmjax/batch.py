@@ -710,8 +710,10 @@ class BatchResult:
 
     def estimate_table(self, contrast, ddf: str = "satterthwaite", level: float = 0.95) -> pd.DataFrame:
         """:meth:`coef_table` for a linear combination cᵀβ of the coefficients (``contrast``:
-        p weights in coefficient order, or a Series indexed by coefficient name): estimate,
+        p weights in coefficient order, or a Series or dict keyed by coefficient name): estimate,
         se, df, t, p, p_adj, CI, converged, singular for every response."""
+        if isinstance(contrast, dict):
+            contrast = pd.Series(contrast, dtype=float)
         if isinstance(contrast, pd.Series):
             unknown = set(contrast.index) - set(self.fixef.columns)
             if unknown:

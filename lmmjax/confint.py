@@ -248,14 +248,22 @@ def _wald(m, level):
     return rows
 
 
-def simulate(m, nsim: int, seed=None) -> np.ndarray:
+def simulate(m, nsim: int, seed=None, re_form=False) -> np.ndarray:
     """``nsim`` responses from the fitted model (lme4's ``simulate``): y = Xβ̂ + Zb + ε with
-    b ~ N(0, σ̂²ΛΛᵀ), εᵢ ~ N(0, σ̂²/wᵢ) (w: prior weights, 1 without).  Returns an (n, nsim) array."""
+    εᵢ ~ N(0, σ̂²/wᵢ) (w: prior weights, 1 without) and, for each random term, b ~ N(0,
+    σ̂²ΛΛᵀ) drawn anew — or b = b̂, the conditional modes, for the terms ``re_form`` keeps
+    (lme4's ``re.form``: ``False``/NaN/``"~0"``, the default, draws every term, like lme4's
+    ``re.form = NA``; ``None`` conditions on all; ``"~ (1 | g)"`` on g's terms).  Returns an
+    (n, nsim) array."""
     rng = np.random.default_rng(seed)
     n = m.nobs
     off = 0.0 if m.design.offset is None else m.design.offset
+    keep = m._re_groups(re_form)
     Y = np.repeat((m.design.X @ m.fixef.to_numpy() + off)[:, None], nsim, axis=1)
-    for blk, T in zip(m.design.blocks, m._Ts):
+    for blk, T, bhat in zip(m.design.blocks, m._Ts, m._b):
+        if blk.group in keep:
+            Y += np.einsum("nq,nq->n", blk.Zq, bhat[blk.index])[:, None]
+            continue
         u = rng.standard_normal((nsim, blk.n_levels, blk.q)) * m.sigma
         b = u @ T.T                                      # (nsim, levels, q)
         Y += np.einsum("nq,snq->ns", blk.Zq, b[:, blk.index, :])

@@ -181,45 +181,114 @@ class LmerResult(InferenceMixin):
         """Response minus conditional fitted values (rows used in the fit, data order)."""
         return self.design.y + self._offset() - self.fitted
 
-    def predict(self, newdata: pd.DataFrame | None = None, re_form=None,
-                allow_new_levels: bool = False) -> np.ndarray:
-        """Predictions like lme4's ``predict.merMod``.
+    def predict(self, newdata: pd.DataFrame | None = None, re_form=None, allow_new_levels: bool = False,
+                se_fit: bool = False, interval: str | None = None, level: float = 0.95,
+                ddf: str = "satterthwaite"):
+        """Predictions like lme4's ``predict.merMod``, with standard errors and intervals.
 
         re_form: ``None`` — all random effects; ``False``/``"~0"``/``np.nan`` — fixed
         effects only (population); a formula such as ``"~ (1 | Subject)"`` — only the
         random terms on those grouping factors.
         allow_new_levels: levels not seen in the fit contribute 0 (population
         prediction) when True; otherwise they raise an error naming them.
+
+        Without ``se_fit``/``interval`` returns the predictions (numpy).  Otherwise a
+        DataFrame with ``fit``, ``se`` (and ``lower``, ``upper``):
+
+        * population level (no random term kept): se² = xᵀVar(β̂)x; ``interval="confidence"``
+          uses t with the row's Satterthwaite (or ``ddf="kenward-roger"``) df, as emmeans does
+          for a reference-grid row;
+        * with random effects: se² is the prediction-error variance of xᵀβ + zᵀb at θ̂
+          (Henderson 1975): σ̂² gᵀA⁻¹g with g = (Λᵀz, x) and A = [[ΛᵀZᵀZΛ + I, ΛᵀZᵀX],
+          [XᵀZΛ, XᵀX]] — the uncertainty of β̂, of b̂ and their covariance; a new level adds
+          zᵀΣz;
+        * ``interval="prediction"``: a new observation, adding σ̂²/w and, for random terms not
+          conditioned on (re_form, new levels), zᵀΣ_kz; normal quantiles whenever random effects
+          or a new observation enter (as merTools' predictInterval), t otherwise.
         """
+        if interval not in (None, "confidence", "prediction"):
+            raise DataError(f"interval must be None, 'confidence' or 'prediction', got {interval!r}")
         groups = self._re_groups(re_form)
-        if newdata is None:
-            out = self.design.X @ self.fixef.to_numpy() + self._offset()
-            for blk, b in zip(self.design.blocks, self._b):
-                if blk.group in groups:
-                    out = out + np.einsum("nq,nq->n", blk.Zq, b[blk.index])
+        X, offset, kept, dropped = self._prediction_rows(newdata, groups, allow_new_levels,
+                                                         need_dropped=interval == "prediction")
+        out = X @ self.fixef.to_numpy() + offset
+        for blk, Zn, idx in kept:
+            b = self._b[self.design.blocks.index(blk)]
+            out = out + np.where(idx < 0, 0.0, np.einsum("nq,nq->n", Zn, b[np.maximum(idx, 0)]))
+        if not se_fit and interval is None:
             return out
+        var_fit = self._prediction_variance(X, kept)
+        extra = np.zeros_like(out)
+        for blk, Zn, idx in kept:        # new levels of a kept term: their b is unknown
+            S = self._term_covariance(blk)
+            extra += np.where(idx < 0, np.einsum("na,ab,nb->n", Zn, S, Zn), 0.0)
+        var_fit = var_fit + extra
+        table = pd.DataFrame({"fit": out, "se": np.sqrt(var_fit)})
+        if interval is None:
+            return table
+        var = var_fit
+        if interval == "prediction":
+            w = 1.0 if newdata is not None or self.design.weights is None else self.design.weights
+            var = var + self.sigma**2 / w
+            for blk, Zn in dropped:
+                var = var + np.einsum("na,ab,nb->n", Zn, self._term_covariance(blk), Zn)
+        from ._dist import norm_ppf, t_ppf
+        from .inference import _satt_df_rows, kr_test, normalize_ddf
+
+        population = not kept and interval == "confidence"
+        if population and normalize_ddf(ddf) == "satterthwaite":
+            C, J, A, _ = self._satterthwaite()
+            df = _satt_df_rows(X, C, J, A)
+            q = t_ppf(0.5 + level / 2, df)
+        elif population and normalize_ddf(ddf) == "kenward-roger":
+            Phi, PhiA, W, Pk = self._kenward_roger()
+            beta = self.fixef.to_numpy()
+            df = np.array([kr_test(x, beta, Phi, PhiA, W, Pk)["den_df"] for x in X])
+            var = np.einsum("na,ab,nb->n", X, PhiA, X)
+            table["se"] = np.sqrt(var)
+            q = t_ppf(0.5 + level / 2, df)
+        else:
+            df = np.full(len(out), np.inf)
+            q = norm_ppf(0.5 + level / 2)
+        half = q * np.sqrt(var)
+        table["df"] = df
+        table["lower"], table["upper"] = out - half, out + half
+        return table
+
+    def _prediction_rows(self, newdata, groups, allow_new_levels, need_dropped=False):
+        """(X, offset, [(block, Z rows, level index)] for kept terms, [(block, Z rows)] for
+        the other terms (only when ``need_dropped``)) of the rows to predict."""
+        d = self.design
+        if newdata is None:
+            kept = [(b, b.Zq, b.index) for b in d.blocks if b.group in groups]
+            dropped = [(b, b.Zq) for b in d.blocks if b.group not in groups]
+            return d.X, self._offset(), kept, dropped
         if not isinstance(newdata, pd.DataFrame):
             raise DataError(f"newdata must be a pandas DataFrame, got {type(newdata).__name__}")
-        pf = self.design.formula
+        pf = d.formula
+        use = [b for b in d.blocks if b.group in groups or need_dropped]
         need = set().union(_variables(pf.fixed), *(_variables(f"I({o})") for o in pf.offset),
-                           *(_variables(b.term.lhs) for b in self.design.blocks if b.group in groups))
+                           *(_variables(b.term.lhs) for b in use))
         missing = sorted(v for v in need if v not in newdata.columns)
         if missing:
-            raise DataError(f"newdata lacks column(s) {missing} that the model uses; it has {list(newdata.columns)}")
+            why = " (a prediction interval needs every random term's columns)" if need_dropped else ""
+            raise DataError(f"newdata lacks column(s) {missing} that the model uses{why}; it has "
+                            f"{list(newdata.columns)}")
         try:
-            Xn = np.asarray(self.design.fixed_spec.get_model_matrix(newdata, na_action="ignore", context=FORMULA_CONTEXT), float)
+            Xn = np.asarray(d.fixed_spec.get_model_matrix(newdata, na_action="ignore", context=FORMULA_CONTEXT), float)
         except Exception as exc:
             raise DataError(f"cannot build the fixed-effects matrix for newdata: {exc}") from None
-        out = Xn[:, self.design.x_keep] @ self.fixef.to_numpy()
-        if self.design.formula.offset:     # offset(...) terms, evaluated on newdata
-            out = out + offset_values(self.design.formula.offset, newdata)
-        for blk, b in zip(self.design.blocks, self._b):
+        X = Xn[:, d.x_keep]
+        offset = offset_values(pf.offset, newdata) if pf.offset else 0.0
+        kept, dropped = [], []
+        for blk in use:
+            Zn = np.asarray(blk.spec.get_model_matrix(newdata, na_action="ignore", context=FORMULA_CONTEXT), float)
             if blk.group not in groups:
+                dropped.append((blk, Zn))
                 continue
             missing = [f for f in blk.term.factors if f not in newdata.columns]
             if missing:
                 raise DataError(f"newdata lacks grouping column(s) {missing} needed by {blk.term}")
-            Zn = np.asarray(blk.spec.get_model_matrix(newdata, na_action="ignore", context=FORMULA_CONTEXT), float)
             idx = level_index(blk, newdata)
             new = idx < 0
             if new.any() and not allow_new_levels:
@@ -229,9 +298,51 @@ class LmerResult(InferenceMixin):
                     f"the fit (e.g. {vals.to_dict('records')}); pass allow_new_levels=True to predict "
                     "them at the population level"
                 )
-            contrib = np.einsum("nq,nq->n", Zn, b[np.where(new, 0, idx)])
-            out = out + np.where(new, 0.0, contrib)
-        return out
+            kept.append((blk, Zn, idx))
+        return X, offset, kept, dropped
+
+    def _term_covariance(self, blk) -> np.ndarray:
+        """Σ_k = σ²T_kT_kᵀ of a random term (q × q)."""
+        T = self._Ts[self.design.blocks.index(blk)]
+        return self.sigma**2 * T @ T.T
+
+    #: largest random-effects dimension for which conditional prediction SEs are formed
+    #: (a dense (q + p)² system)
+    PEV_MAX_Q = 20_000
+
+    def _prediction_variance(self, X, kept) -> np.ndarray:
+        """Var of the fitted part of each row: xᵀVar(β̂)x at the population level, else the
+        prediction-error variance σ²gᵀA⁻¹g of Henderson's mixed-model equations (θ fixed)."""
+        if not kept:
+            return np.einsum("na,ab,nb->n", X, self.vcov.to_numpy(), X)
+        from .inference import dense_crossproducts
+
+        d = self.design
+        sizes = [b.n_levels * b.q for b in d.blocks]
+        q = int(sum(sizes))
+        if q > self.PEV_MAX_Q:
+            raise DataError(f"standard errors of predictions with random effects need a dense system of "
+                            f"{q} random effects (at most {self.PEV_MAX_Q}); use re_form=False for "
+                            "population-level SEs")
+        dense = dense_crossproducts(self.stats, self.layout)
+        lam = np.zeros((q, q))
+        offs = np.cumsum([0] + sizes)
+        for k, (b, T) in enumerate(zip(d.blocks, self._Ts)):
+            lam[offs[k]:offs[k + 1], offs[k]:offs[k + 1]] = np.kron(np.eye(b.n_levels), T)
+        LZZL = lam.T @ dense["ZtZ"] @ lam + np.eye(q)
+        LZX = lam.T @ dense["ZtX"]
+        A = np.block([[LZZL, LZX], [LZX.T, dense["XX"]]])
+        G = np.zeros((len(X), q + X.shape[1]))
+        G[:, q:] = X
+        for blk, Zn, idx in kept:
+            k = d.blocks.index(blk)
+            cols = offs[k] + np.maximum(idx, 0)[:, None] * blk.q + np.arange(blk.q)[None, :]
+            rows = np.broadcast_to(np.arange(len(X))[:, None], cols.shape)
+            np.add.at(G, (rows, cols), np.where((idx >= 0)[:, None], Zn, 0.0))
+        G[:, :q] = G[:, :q] @ lam       # (Λᵀz)ᵀ = zᵀΛ
+        L = np.linalg.cholesky(A)
+        H = np.linalg.solve(L, G.T)
+        return self.sigma**2 * np.sum(H * H, axis=0)
 
     def _re_groups(self, re_form) -> set:
         all_groups = {b.group for b in self.design.blocks}
@@ -258,11 +369,13 @@ class LmerResult(InferenceMixin):
 
         return confint(self, method=method, level=level, nsim=nsim, seed=seed)
 
-    def simulate(self, nsim: int = 1, seed=None) -> np.ndarray:
-        """Responses simulated from the fitted model, shape (n, nsim)."""
+    def simulate(self, nsim: int = 1, seed=None, re_form=False) -> np.ndarray:
+        """Responses simulated from the fitted model, shape (n, nsim); ``re_form`` as lme4's
+        ``re.form`` (default: new random effects for every term; ``None``: conditional on all
+        fitted ones). See :func:`lmmjax.confint.simulate`."""
         from .confint import simulate
 
-        return simulate(self, nsim, seed)
+        return simulate(self, nsim, seed, re_form=re_form)
 
     # ------------------------------------------------------------ printing
     def summary(self, ddf: str | None = "satterthwaite", print_: bool = False) -> "SummaryText":
