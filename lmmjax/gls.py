@@ -24,10 +24,16 @@ second-derivative terms R_ij = XᵀV⁻¹(∂²V/∂φ_i∂φ_j)V⁻¹X, from pe
 derivatives of V_g (:func:`_kr_pieces`), in φ = (random-effect natural parameters, the
 residual structure's own unconstrained parameters, σ²) — like mmrm's "Kenward-Roger",
 which also works in its internal parameters.
+
+The result (:class:`GroupedResult`) has nlme's and lme4's API: conditional modes
+b̂_g = D Z_gᵀ V_g⁻¹(y_g − X_gβ̂) (:func:`_blups`), fitted values, residuals and predictions
+at the population or conditional level, F tests (type III, or nlme's sequential tests
+in the GLS metric), nlme's containment df, Wald intervals and an nlme-style summary.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import warnings
 from functools import partial
@@ -36,15 +42,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
+import scipy.linalg
 
 from ._cache import no_persistent_cache
 from ._compute import precision
 from ._linalg import gauss_jordan, spd_solve
+from ._dist import f_sf
+from .contrasts import term_columns, type1_contrasts, type3_contrasts
 from .design import DataError, build_design, check_response_varies
-from .inference import (_satt_df_rows, kr_adjusted, kr_test, normalize_ddf, t_columns, unprofiled_deviance,
-                        vcov_varpar)
+from .formula import InputError
+from .inference import InferenceMixin, kr_adjusted, normalize_ddf, t_columns, unprofiled_deviance, vcov_varpar
 from .likelihood import criterion
 from .residual import ResidualStructure, combine
+from .results import LmerResult
 
 __all__ = ["gls", "fit_grouped", "GroupedResult"]
 
@@ -67,30 +77,52 @@ class _Spec:
         return hash(self._key)
 
 
-def _group_parts(psi, data, spec: _Spec):
-    """(S, log|V|): the [X y] cross-product through V⁻¹ and the log-determinant."""
+def _group_cov(psi, data, spec: _Spec):
+    """V_g = W_gC_gW_g + Z_gDZ_gᵀ per group, σ² factored out, padded rows with unit
+    variance: (G, m, m)."""
     theta, rp = psi[: spec.n_theta], psi[spec.n_theta:]
     Ts, off = [], 0
     for s in spec.structures:
         Ts.append(s.factor(theta[off: off + s.n_params]))
         off += s.n_params
 
-    def one(rows, XY, mask, Z):
+    def one(rows, mask, Z):
         m = mask.shape[0]
         C = spec.residual.correlation(rp, rows)
-        C = jnp.eye(m, dtype=XY.dtype) if C is None else C
+        C = jnp.eye(m, dtype=psi.dtype) if C is None else C
         sd = spec.residual.sd(rp, rows)
         V = C if sd is None else C * sd[:, None] * sd[None, :]
         if Ts:
-            D = jax.scipy.linalg.block_diag(*[T @ T.T for T in Ts])
-            V = V + Z @ D @ Z.T
-        mm = mask[:, None] & mask[None, :]
-        V = jnp.where(mm, V, jnp.eye(m, dtype=V.dtype))
+            V = V + Z @ jax.scipy.linalg.block_diag(*[T @ T.T for T in Ts]) @ Z.T
+        return jnp.where(mask[:, None] & mask[None, :], V, jnp.eye(m, dtype=V.dtype))
+
+    return jax.vmap(one)(data["rows"], data["mask"], data["Z"])
+
+
+def _group_parts(psi, data, spec: _Spec):
+    """(S, log|V|): the [X y] cross-product through V⁻¹ and the log-determinant."""
+    def one(V, XY):
         sol, logdet = spd_solve(V, XY)
         return XY.T @ sol, logdet
 
-    S, ld = jax.vmap(one)(data["rows"], data["XY"], data["mask"], data["Z"])
+    S, ld = jax.vmap(one)(_group_cov(psi, data, spec), data["XY"])
     return S.sum(axis=0), ld.sum()
+
+
+_group_cov_jit = jax.jit(_group_cov, static_argnames=("spec",))
+
+
+def _blups(psi, beta, D, data, spec: _Spec) -> np.ndarray:
+    """Conditional modes per group, b̂_g = D Z_gᵀ V_g⁻¹ (y_g − X_gβ̂) with D the relative
+    covariance of a group's random effects (σ² cancels; Pinheiro & Bates 2000, 2.2.3),
+    shape (G, q).  V_g from JAX (one small program), the solves in numpy."""
+    with precision("float64"), no_persistent_cache():
+        V = np.asarray(_group_cov_jit(jax.device_put(np.asarray(psi, float)), data, spec), float)
+    XY, Z = np.asarray(data["XY"], float), np.asarray(data["Z"], float)
+    p = spec.p
+    r = XY[..., p] - XY[..., :p] @ beta                                     # padded rows: 0
+    w = np.linalg.solve(V, r[..., None])[..., 0]
+    return np.einsum("ab,gmb,gm->ga", D, Z, w)
 
 
 def _profiled(psi, data, spec: _Spec, reml: bool):
@@ -119,27 +151,29 @@ def _unprofiled(vp, data, spec: _Spec, reml: bool):
     return unprofiled_deviance(_pieces(vp[:-1], data, spec, reml), data["n"], spec.p, vp[-1], reml)
 
 
-def _vcov_beta(vp, data, spec: _Spec):
-    S, _ = _group_parts(vp[:-1], data, spec)
-    p = spec.p
-    return vp[-1] ** 2 * jnp.linalg.inv(S[:p, :p])
-
-
-def _criterion_and_solution(psi, data, spec: _Spec, reml: bool):
-    """The profiled criterion and, as auxiliary output, β̂, σ̂² and Var(β̂) at ψ."""
+def _criterion_and_solution(psi, data, spec: _Spec, reml):
+    """The profiled criterion and, as auxiliary output, β̂, σ̂² and Var(β̂) at ψ.  ``reml``
+    may be a traced 0/1 flag (see :func:`_value_and_grad`)."""
     S, r2, ldv, ldx = _profiled(psi, data, spec, reml)
     p, n = spec.p, data["n"]
     Sxx_inv = jnp.linalg.inv(S[:p, :p])
-    sigma2 = r2 / (n - p if reml else n)
+    sigma2 = r2 / (n - p * reml)
     crit = criterion(dict(logdet_z=ldv, logdet_x=ldx, r2=r2), n, p, reml)
     return crit, dict(beta=Sxx_inv @ S[:p, p], sigma2=sigma2, vcov=sigma2 * Sxx_inv)
 
 
-@partial(jax.jit, static_argnames=("spec", "reml"))
+@partial(jax.jit, static_argnames=("spec",))
 def _value_and_grad(psi, data, spec, reml):
     """((criterion, solution), gradient): one compiled program serves the optimizer and
-    the final solution (a second program would add its compile to every cold fit)."""
+    the final solution (a second program would add its compile to every cold fit), and
+    REML and ML alike: ``reml`` is traced (pass :func:`_flag`; ×1 and +0 are exact), so an
+    ML refit of a REML fit (compare()) compiles nothing."""
     return jax.value_and_grad(_criterion_and_solution, has_aux=True)(psi, data, spec, reml)
+
+
+def _flag(reml: bool, dtype):
+    """REML as the traced 1.0/0.0 of :func:`_value_and_grad` (one dtype: one program)."""
+    return np.asarray(1.0 if reml else 0.0, dtype)
 
 
 def _hessian(fg, psi, dtype):
@@ -158,9 +192,6 @@ def _hessian(fg, psi, dtype):
 @partial(jax.jit, static_argnames=("spec", "reml"))
 def _unprofiled_grad(vp, data, spec, reml):
     return jax.grad(_unprofiled)(vp, data, spec, reml)
-
-
-_vcov_beta_jit = jax.jit(_vcov_beta, static_argnames=("spec",))
 
 
 def _kr_varcov(phi, data, spec: _Spec):
@@ -217,24 +248,30 @@ def _kr_pieces(phi, data, spec: _Spec):
 
 
 def _satterthwaite(vp, data, spec, reml):
-    """(H, J): Hessian of d(ψ, σ) and ∂Var(β̂)/∂(ψ, σ) by central differences of the exact
-    gradient and of Var(β̂).  (One fused second-order program — hessian and jacfwd through
-    the vmapped Gauss-Jordan — crashed XLA-CPU's compiler on clean CI runs, jaxlib 0.10.2.)"""
-    vp = np.asarray(vp, float)
-    k = vp.size
+    """(H, J): Hessian of d(ψ, σ) and ∂Var(β̂)/∂(ψ, σ), Var(β̂) = σ² S_xx(ψ)⁻¹: central
+    differences of the exact gradient and of S_xx⁻¹ (read from the fit's own compiled
+    program, so no second program compiles for it), ∂Var(β̂)/∂σ = 2σ S_xx⁻¹ exactly.
+    (One fused second-order program — hessian and jacfwd through the vmapped
+    Gauss-Jordan — crashed XLA-CPU's compiler on clean CI runs, jaxlib 0.10.2.)"""
+    vp = np.asarray(vp)
+    k, sigma = vp.size, float(vp[-1])
     h = 1e-5 * np.maximum(1.0, np.abs(vp))
+
+    def sxx_inv(psi):
+        sol = _value_and_grad(jax.device_put(psi), data, spec, _flag(reml, psi.dtype))[0][1]
+        return np.asarray(sol["vcov"], float) / float(sol["sigma2"])
+
     H = np.empty((k, k))
-    J = None
+    J = np.empty((spec.p, spec.p, k))
+    J[..., -1] = 2.0 * sigma * sxx_inv(vp[:-1])
     for i in range(k):
-        e = np.zeros(k)
+        e = np.zeros(k, vp.dtype)
         e[i] = h[i]
         gp, gm = (np.asarray(_unprofiled_grad(jax.device_put(vp + s_ * e), data, spec, reml), float)
                   for s_ in (1.0, -1.0))
         H[:, i] = (gp - gm) / (2 * h[i])
-        Cp, Cm = (np.asarray(_vcov_beta_jit(jax.device_put(vp + s_ * e), data, spec), float) for s_ in (1.0, -1.0))
-        dC = (Cp - Cm) / (2 * h[i])
-        J = np.empty(dC.shape + (k,)) if J is None else J
-        J[..., i] = dC
+        if i < k - 1:
+            J[..., i] = sigma**2 * (sxx_inv(vp[:-1] + e[:-1]) - sxx_inv(vp[:-1] - e[:-1])) / (2 * h[i])
     return 0.5 * (H + H.T), J
 
 
@@ -289,12 +326,14 @@ def _residual_groups(design, frame, residual) -> np.ndarray:
 def fit_grouped(formula: str, data: pd.DataFrame, residual, reml: bool = True, dtype: str = "float64",
                 engine: str = "lmer", structures: dict | None = None):
     """Fit a (mixed) model with a residual covariance structure; see :func:`gls`."""
+    source = dict(formula=formula, data=data, residual=residual, structures=structures)
     # a private copy: prepare() below stores what it learns from this data set on it
     residual = copy.deepcopy(combine(residual if isinstance(residual, (list, tuple)) else [residual]))
     cols = residual.columns
     missing = [c for c in cols if c not in data.columns]
     if missing:
         raise DataError(f"the residual structure uses column(s) {missing} that are not in the data")
+    kept = np.flatnonzero(data[cols].notna().all(axis=1).to_numpy()) if cols else np.arange(len(data))
     data = data.dropna(subset=cols) if cols else data
     has_bar = "|" in formula
     f = formula if has_bar else f"{formula} + (1 | {_ONE})"
@@ -314,7 +353,7 @@ def fit_grouped(formula: str, data: pd.DataFrame, residual, reml: bool = True, d
         dev = jax.tree.map(lambda a: jax.device_put(np.asarray(a, dt) if np.asarray(a).dtype != bool else a), arrays)
 
         def fg(x, solution=False):
-            (v, sol), g = _value_and_grad(jax.device_put(np.asarray(x, dt)), dev, spec, reml)
+            (v, sol), g = _value_and_grad(jax.device_put(np.asarray(x, dt)), dev, spec, _flag(reml, dt))
             if solution:
                 return jax.tree.map(lambda a: np.asarray(a, float), sol)
             v, g = float(v), np.asarray(g, float)
@@ -345,7 +384,8 @@ def fit_grouped(formula: str, data: pd.DataFrame, residual, reml: bool = True, d
             psi = psi - step
         v, g = fg(psi)
         sol = fg(psi, solution=True)
-    return GroupedResult(design, frame, residual, spec, dev, psi, v, g, sol, reml, dtype, engine, m)
+    source.update(rows=kept[design.rows], codes=codes)
+    return GroupedResult(design, frame, residual, spec, dev, psi, v, g, sol, reml, dtype, engine, m, source)
 
 
 def gls(formula: str, data: pd.DataFrame, reml: bool = True, residual=None, dtype: str = "float64"):
@@ -359,11 +399,29 @@ def gls(formula: str, data: pd.DataFrame, reml: bool = True, residual=None, dtyp
     return fit_grouped(formula, data, residual, reml=reml, dtype=dtype, engine="gls")
 
 
-class GroupedResult:
-    """A fitted model with a residual structure: fixef, vcov, sigma, loglik, aic, bic,
-    residual_params (natural scale), varcorr, coef_table(ddf)."""
+class GroupedResult(InferenceMixin):
+    """A fitted model with a residual structure (what :func:`gls` and ``lmer(...,
+    residual=...)`` return), with nlme's and lme4's result API:
 
-    def __init__(self, design, frame, residual, spec, data, psi, crit, grad, sol, reml, dtype, engine, m):
+    fixef, vcov, sigma, loglik, aic, bic, npar, nobs, formula, ngroups, residual_params
+    (natural scale), varcorr, covariance_matrices(), ranef(), fitted, residuals,
+    predict(newdata, re_form), coef_table(ddf), test(L, ddf), anova(type, ddf),
+    confint("wald"), summary(ddf), refit(reml).
+
+    ``ddf`` takes lmer's methods ("satterthwaite", "kenward-roger", "residual",
+    "asymptotic") and "nlme": nlme's own denominator df — n − p for gls, the containment
+    ("between/within") df of Pinheiro & Bates (2000, 4.2.3) for lme.
+    """
+
+    # the lme4-style helpers of LmerResult that only read design, fixef and _b (and
+    # LmerResult._prediction_rows, called in predict: new rows' X, Z and level indices)
+    _offset = LmerResult._offset
+    _re_groups = LmerResult._re_groups
+    _per_group = LmerResult._per_group
+    _group_labels = LmerResult._group_labels
+
+    def __init__(self, design, frame, residual, spec, data, psi, crit, grad, sol, reml, dtype, engine, m,
+                 source=None):
         self.design, self.frame, self.residual, self._spec, self._data = design, frame, residual, spec, data
         self.psi, self.criterion, self.reml, self.dtype, self.engine = psi, float(crit), reml, dtype, engine
         self._grad = grad
@@ -373,9 +431,21 @@ class GroupedResult:
         self.sigma = float(np.sqrt(sol["sigma2"]))
         self.nobs = len(frame)
         self.max_group_size = m
+        source = source or {}
+        self._source = source
+        self.data = source.get("data")               # a reference, for refits (compare)
+        self.data_rows = source.get("rows", design.rows)   # positions of the used rows in ``data``
+        self._codes = source.get("codes")
+        self.data_name = getattr(self.data, "_lmmjax_name", None)
         self.converged = bool(np.max(np.abs(grad), initial=0.0) < 1e-3)
         if not self.converged:
             warnings.warn(f"model failed to converge: max|gradient| = {np.max(np.abs(grad)):.2g}", stacklevel=3)
+
+    # ------------------------------------------------------------ basics
+    @property
+    def formula(self) -> str:
+        """The model formula as given."""
+        return self._source.get("formula", self.design.formula.text)
 
     @property
     def loglik(self) -> float:
@@ -395,6 +465,10 @@ class GroupedResult:
         return -2 * self.loglik + math.log(n) * self.npar
 
     @property
+    def weights(self):
+        return None
+
+    @property
     def residual_params(self) -> pd.Series:
         """The residual structure's parameters on the natural scale (ρ, φ, ratios, power)."""
         with precision(self.dtype):
@@ -403,6 +477,20 @@ class GroupedResult:
 
     def _blocks(self):
         return [b for b in self.design.blocks if b.group != _ONE]
+
+    @property
+    def has_random_effects(self) -> bool:
+        return bool(self._blocks())
+
+    @property
+    def ngroups(self) -> dict:
+        """Levels per grouping factor: the random-effect terms' (lme), else the residual
+        structure's group (gls); {} when the structure has no groups."""
+        if self.has_random_effects:
+            return {b.group: b.n_levels for b in self._blocks()}
+        if self.residual.group is None or self._codes is None:
+            return {}
+        return {self.residual.group: int(self._codes.max()) + 1}
 
     def covariance_matrices(self) -> list[pd.DataFrame]:
         out, off = [], 0
@@ -423,6 +511,72 @@ class GroupedResult:
         rows.append(("Residual", None, None, self.sigma**2, self.sigma))
         return pd.DataFrame(rows, columns=["group", "term1", "term2", "vcov", "sdcor"])
 
+    def refit(self, reml: bool) -> "GroupedResult":
+        """The same model (formula, data, residual structure) fitted by REML or ML."""
+        src = self._source
+        if src.get("data") is None:
+            raise InputError("this result does not know its data; fit it with lmmjax.gls / lmmjax.lmer")
+        return fit_grouped(src["formula"], src["data"], src["residual"], reml=reml, dtype=self.dtype,
+                           engine=self.engine, structures=src.get("structures"))
+
+    # ------------------------------------------------------------ random effects, fitted values
+    @property
+    def _b(self) -> list:
+        """Conditional modes per random-effect term, arrays (levels, q) (lme4's layout)."""
+        if "_b_cache" not in self.__dict__:
+            blocks = self._blocks()
+            out = []
+            if blocks:
+                D = scipy.linalg.block_diag(*[C.to_numpy() for C in self.covariance_matrices()]) / self.sigma**2
+                bg = _blups(self.psi, self.fixef.to_numpy(), D, self._data, self._spec)
+                off = 0
+                for blk in blocks:
+                    vals = np.zeros((blk.n_levels, blk.q))
+                    vals[blk.index] = bg[self._codes, off: off + blk.q]   # one group = one level
+                    out.append(vals)
+                    off += blk.q
+            self.__dict__["_b_cache"] = out
+        return self.__dict__["_b_cache"]
+
+    def ranef(self) -> dict:
+        """Conditional modes (BLUPs) b̂_g = D Z_gᵀ V_g⁻¹ (y_g − X_gβ̂) given the residual
+        structure (nlme's ``ranef(lme)``): grouping factor -> DataFrame (levels × terms)."""
+        if not self.has_random_effects:
+            raise InputError("this model has no random effects (a gls fit); ranef() needs lmmjax.lmer(...) "
+                             "with a random term such as (1 | group)")
+        return self._per_group(self._b)
+
+    def _re_contribution(self) -> np.ndarray:
+        z = np.zeros(self.nobs)
+        for blk, b in zip(self._blocks(), self._b):
+            z += np.einsum("nq,nq->n", blk.Zq, b[blk.index])
+        return z
+
+    @property
+    def fitted(self) -> np.ndarray:
+        """Fitted values of the rows used, in data order: Xβ̂ + Zb̂ (conditional on the random
+        effects, nlme's ``fitted(lme)`` default level) or Xβ̂ for gls."""
+        return self.design.X @ self.fixef.to_numpy() + self._re_contribution() + self._offset()
+
+    @property
+    def residuals(self) -> np.ndarray:
+        """Response minus :attr:`fitted` (nlme's ``residuals(fit, type = "response")``)."""
+        return self.design.y + self._offset() - self.fitted
+
+    def predict(self, newdata: pd.DataFrame | None = None, re_form=None, allow_new_levels: bool = False):
+        """Predictions: Xβ̂ for gls fits and ``re_form=False`` (nlme's level 0), with the
+        conditional random effects otherwise (level 1); ``newdata`` rows of unseen levels
+        need ``allow_new_levels=True`` (they get the population value).  The residual
+        correlation is not used to predict (as nlme's ``predict``)."""
+        groups = self._re_groups(re_form if self.has_random_effects else False)
+        X, offset, kept, _ = LmerResult._prediction_rows(self, newdata, groups, allow_new_levels)
+        out = X @ self.fixef.to_numpy() + offset
+        for blk, Zn, idx in kept:
+            b = self._b[next(k for k, o in enumerate(self._blocks()) if o is blk)]
+            out = out + np.where(idx < 0, 0.0, np.einsum("nq,nq->n", Zn, b[np.maximum(idx, 0)]))
+        return out
+
+    # ------------------------------------------------------------ inference
     def kr_parameters(self) -> np.ndarray:
         """φ at the fit: each random-effect term's natural parameters (entries of Σ_k, or
         variances and ρ), the residual structure's own parameters, σ²."""
@@ -440,43 +594,186 @@ class GroupedResult:
         (V is nonlinear in correlation and variance-function parameters)."""
         if not self.reml:
             raise ValueError("Kenward-Roger needs a REML fit; refit with reml=True")
-        if not hasattr(self, "_kr"):
+        c = self._inference_cache()
+        if "kr" not in c:
             with precision("float64"), no_persistent_cache():
                 out = _kr_pieces(jax.device_put(self.kr_parameters()), self._data, self._spec)
-                self._kr = kr_adjusted(*jax.device_get(out))
-        return self._kr
+                c["kr"] = kr_adjusted(*jax.device_get(out))
+        return c["kr"]
+
+    def _satterthwaite(self):
+        """(C, J, A, H) for the Satterthwaite df (see :func:`_satterthwaite`)."""
+        c = self._inference_cache()
+        if "satt" not in c:
+            vp = np.r_[self.psi, self.sigma]
+            with precision(self.dtype) as dt, no_persistent_cache():
+                H, J = _satterthwaite(vp.astype(dt), self._data, self._spec, self.reml)
+            H = np.asarray(H, float)
+            c["satt"] = (self.vcov.to_numpy(), np.asarray(J, float), vcov_varpar(H), H)
+        return c["satt"]
+
+    def nlme_df(self) -> tuple[pd.Series, dict]:
+        """nlme's denominator df: (per coefficient, per model term).  gls: n − p.  lme
+        (one grouping level, Pinheiro & Bates 2000, 4.2.3): a column varying within some
+        group is a within-group column, else (non-constant) a between-group one; with M
+        groups the within df are n − M − (#within columns) and the between df M − 1 −
+        (#between columns) (−1 for the intercept; +1 to the within df without one); a
+        term's df are those of its stratum (within if any column is), the intercept's the
+        larger of the two."""
+        X, n, p = self.design.X, self.nobs, self.design.p
+        terms = term_columns(self.design)
+        if not self.has_random_effects:
+            return pd.Series(float(n - p), index=self.fixef.index), {t: float(n - p) for t in terms}
+        if len({b.group for b in self._blocks()}) > 1:
+            raise NotImplementedError("nlme's containment df are implemented for one grouping level")
+        codes = self._codes
+        M = int(codes.max()) + 1
+        tol = np.sqrt(np.finfo(float).eps)
+        scale = np.maximum(np.abs(X).max(axis=0), 1.0)
+        const = np.ptp(X, axis=0) <= tol * scale
+        frame = pd.DataFrame(X)
+        g = frame.groupby(codes)
+        inner = ((g.max() - g.min()).to_numpy() > tol * scale).any(axis=0)
+        has_int = bool(const.any())
+
+        def strata(counts):
+            df = {"between": float(M), "within": float(n - M)}
+            for k, c in counts.items():
+                df[k] -= c
+            if has_int:
+                df["between"] -= 1
+            else:
+                df["within"] += 1
+            return df
+
+        col_strat = np.where(inner, "within", "between")
+        dfX = strata({k: int(np.sum((col_strat == k) & ~const)) for k in ("between", "within")})
+        per_col = np.where(const, max(dfX.values()), [dfX[s] for s in col_strat])
+        term_strat = {t: ("within" if inner[c].any() else "between") for t, c in terms.items()
+                      if not const[c].all()}
+        dfT = strata({k: sum(len(terms[t]) for t, s in term_strat.items() if s == k)
+                            for k in ("between", "within")})
+        per_term = {t: dfT[term_strat[t]] if t in term_strat else max(dfT.values()) for t in terms}
+        return pd.Series(per_col.astype(float), index=self.fixef.index), per_term
+
+    @staticmethod
+    def _is_nlme(ddf) -> bool:
+        return str(ddf).lower() in ("nlme", "containment")
 
     def coef_table(self, ddf: str = "satterthwaite", level: float = 0.95) -> pd.DataFrame:
         """Fixed effects: estimate, se, df, t, p, CI.  ddf: "satterthwaite" (autodiff, any
         structure), "kenward-roger" (K&R 1997 with the R_ij terms, in the parameters of
-        :meth:`kr_parameters`: adjusted SEs and df), "residual" (n − p, what nlme's gls
-        reports), "asymptotic" (z)."""
-        ddf = normalize_ddf(ddf)
+        :meth:`kr_parameters`: adjusted SEs and df), "residual" (n − p), "nlme" (nlme's df:
+        n − p for gls, containment df for lme), "asymptotic" (z)."""
+        if not self._is_nlme(ddf):
+            return super().coef_table(ddf, level)
         beta = self.fixef.to_numpy()
-        C = self.vcov.to_numpy()
-        se = np.sqrt(np.diag(C))
-        p = beta.size
-        if ddf == "satterthwaite":
-            vp = np.r_[self.psi, self.sigma]
-            with precision(self.dtype) as dt, no_persistent_cache():
-                H, J = _satterthwaite(vp.astype(dt), self._data, self._spec, self.reml)
-            df = _satt_df_rows(np.eye(p), C, np.asarray(J, float), vcov_varpar(np.asarray(H, float)))
-        elif ddf == "residual":
-            df = np.full(p, float(self.nobs - p))
-        elif ddf == "asymptotic":
-            df = np.full(p, np.inf)
-        else:
-            Phi, PhiA, W, Pk = self._kenward_roger()
-            se = np.sqrt(np.diag(PhiA))
-            df = np.array([kr_test(np.eye(p)[i], beta, Phi, PhiA, W, Pk)["den_df"] for i in range(p)])
+        se = np.sqrt(np.diag(self.vcov.to_numpy()))
+        df = self.nlme_df()[0].to_numpy()
         return pd.DataFrame({"estimate": beta, "se": se, "df": df, **t_columns(beta, se, df, level)},
                             index=self.fixef.index)
 
+    def _wald_f(self, Lm, den_df: float) -> pd.Series:
+        beta, C = self.fixef.to_numpy(), self.vcov.to_numpy()
+        q = int(np.linalg.matrix_rank(Lm))
+        Lb = Lm @ beta
+        F = float(Lb @ np.linalg.solve(Lm @ C @ Lm.T, Lb) / q)
+        return pd.Series(dict(F=F, num_df=q, den_df=den_df, p=float(f_sf(F, q, den_df)), F_unscaled=F))
+
+    def test(self, L, ddf: str = "satterthwaite") -> pd.Series:
+        """F test of Lβ = 0 (L as in :meth:`LmerResult.test`: matrix, vector, coefficient
+        names, {name: weight} or a model term).  ddf="nlme" gives nlme's ``anova(fit, L=)``:
+        the Wald F on nlme's df (the smallest df of the coefficients L involves)."""
+        if not self._is_nlme(ddf):
+            return super().test(L, ddf)
+        Lm = self._contrast_matrix(L)
+        per_col = self.nlme_df()[0].to_numpy()
+        return self._wald_f(Lm, float(per_col[np.abs(Lm).sum(axis=0) > 0].min()))
+
+    def anova(self, type: int | str = 3, ddf: str = "satterthwaite") -> pd.DataFrame:
+        """F tests per model term: SumSq, MeanSq, num_df, den_df, F, p.  type=3: lmerTest's
+        type III hypotheses; type=1: sequential tests in the GLS metric — the Doolittle
+        rows of XᵀV⁻¹X (∝ Var(β̂)⁻¹), whose F values are nlme's ``anova(fit)`` (its
+        "sequential" type; lmer fits use XᵀX, as lmerTest).  ddf as :meth:`coef_table`;
+        with "nlme" each term gets nlme's term df."""
+        kind = str(type).upper().replace("TYPE", "").strip()
+        if kind in ("3", "III"):
+            Ls = type3_contrasts(self.design)
+        elif kind in ("1", "I"):
+            M = np.linalg.inv(self.vcov.to_numpy())
+            Ls = type1_contrasts(dataclasses.replace(self.design, X=np.linalg.cholesky(0.5 * (M + M.T)).T))
+        else:
+            raise InputError(f"type must be 1 or 3, got {type!r}")
+        term_df = self.nlme_df()[1] if self._is_nlme(ddf) else None
+        rows = {}
+        for term, L in Ls.items():
+            r = self._wald_f(L, term_df[term]) if term_df is not None else self.test(L, ddf=ddf)
+            ms = r["F_unscaled"] * self.sigma**2
+            rows[term] = {"SumSq": ms * r["num_df"], "MeanSq": ms, "num_df": int(r["num_df"]),
+                          "den_df": r["den_df"], "F": r["F"], "p": r["p"]}
+        return pd.DataFrame.from_dict(rows, orient="index", columns=["SumSq", "MeanSq", "num_df", "den_df", "F", "p"])
+
+    def confint(self, method: str = "wald", level: float = 0.95, ddf: str = "nlme") -> pd.DataFrame:
+        """Confidence intervals for the fixed effects, β̂ ± t_{df}(1 − α/2)·SE (nlme's
+        ``intervals(fit, which = "fixed")`` with the default ddf="nlme"; any ``ddf`` of
+        :meth:`coef_table`): columns lower, estimate, upper."""
+        if str(method).lower() != "wald":
+            raise InputError(f"confint method {method!r} is not available for residual-structure fits: use "
+                             "method='wald' (fixed effects, t quantiles on ddf='nlme', 'satterthwaite', "
+                             "'kenward-roger', ...)")
+        if not 0 < level < 1:
+            raise InputError(f"level must be between 0 and 1, got {level!r}")
+        ct = self.coef_table(ddf, level)
+        return ct[["lower", "estimate", "upper"]]
+
+    # ------------------------------------------------------------ printing
+    def _title(self) -> str:
+        kind = "Generalized least squares" if not self.has_random_effects else "Linear mixed-effects model"
+        return f"{kind} fit by {'REML' if self.reml else 'maximum likelihood'} [lmmjax]"
+
+    def _structure_lines(self) -> list[str]:
+        par = self.residual_params
+        lines = [f"Residual structure: {self.residual!r}"]
+        if len(par):
+            lines += [" Parameter estimate(s):"] + [" " + ln for ln in par.to_frame().T.to_string(
+                index=False, float_format=lambda v: f"{v:.6g}").splitlines()]
+        return lines
+
+    def summary(self, ddf: str | None = "satterthwaite", print_: bool = False):
+        """nlme-style summary (``summary.gls`` / ``summary.lme``): criterion, AIC/BIC/logLik,
+        the residual structure's parameters, random effects (lme), the fixed-effects table
+        with df and p for ``ddf`` (as :meth:`coef_table`; None: no df and p), residual SE,
+        observations and groups.  Returns a :class:`~lmmjax.summary.SummaryText`."""
+        from .summary import SummaryText, _fixed_corr, _fixed_table, _random_table
+
+        if ddf is not None and not self._is_nlme(ddf):
+            ddf = normalize_ddf(ddf)
+        crit = pd.DataFrame([[self.aic, self.bic, self.loglik]], columns=["AIC", "BIC", "logLik"])
+        lines = [self._title(), f"  Model: {self.formula}"]
+        if self.data_name:
+            lines.append(f"  Data: {self.data_name}")
+        lines += [""] + crit.to_string(index=False, float_format=lambda v: f"{v:.4f}").splitlines()
+        lines += [""] + self._structure_lines()
+        if self.has_random_effects:
+            lines += ["", "Random effects:"] + _random_table(self)[:-1]
+        lines += ["", "Fixed effects:"] + _fixed_table(self, ddf) + _fixed_corr(self)
+        grp = ", ".join(f"{g} {k}" for g, k in self.ngroups.items())
+        lines += ["", f"Residual standard error: {self.sigma:.6g}",
+                  f"Number of observations: {self.nobs}" + (f", groups: {grp}" if grp else "")]
+        if not self.converged:
+            lines += ["", f"Model failed to converge: max|gradient| = {np.max(np.abs(self._grad)):.2g}"]
+        text = SummaryText("\n".join(lines))
+        if print_:
+            print(text)
+        return text
+
     def __repr__(self):
-        lines = [f"{'Generalized least squares' if self.engine == 'gls' else 'Linear mixed model'} fit by "
-                 f"{'REML' if self.reml else 'ML'} with residual structure {self.residual!r}",
-                 f"  logLik {self.loglik:.4f}   AIC {self.aic:.4f}   BIC {self.bic:.4f}   nobs {self.nobs}",
-                 "Residual structure:", self.residual_params.to_string(), "Variance components:",
-                 self.varcorr.to_string(index=False), "Fixed effects (Satterthwaite df):",
-                 self.coef_table().to_string()]
+        lines = [self._title(), f"  Model: {self.formula}",
+                 f"  logLik {self.loglik:.4f}   AIC {self.aic:.4f}   BIC {self.bic:.4f}   nobs {self.nobs}"]
+        lines += self._structure_lines()
+        if self.has_random_effects:
+            lines += ["Random effects (SD):"] + [
+                f"  {r.group} {r.term1}: {r.sdcor:.4g}" for r in self.varcorr.itertuples() if r.group != "Residual"]
+        lines += [f"Residual SD: {self.sigma:.4g}", "Fixed effects:",
+                  self.fixef.to_frame().T.to_string(index=False, float_format=lambda v: f"{v:.4g}")]
         return "\n".join(lines)
