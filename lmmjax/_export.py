@@ -51,21 +51,25 @@ def _source_hash() -> str:
     return _SOURCE_HASH[0]
 
 
-def _key(fn, args) -> str:
+def _key(fn, args, static: dict) -> str | None:
+    """The program's key, or None when a static argument has no stable text (an object
+    printed with its address: a user's kernel class without a repr)."""
+    st = repr(sorted(static.items()))
+    if " at 0x" in st:
+        return None
     leaves, tree = jax.tree.flatten(args)
-    sig = [(np.shape(x), str(np.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype)) for x in leaves]
-    text = repr((getattr(fn, "__module__", ""), getattr(fn, "__qualname__", repr(fn)), str(tree), sig,
-                 jax.__version__, jax.lib.__version__ if hasattr(jax.lib, "__version__") else "",
-                 jax.default_backend(), _source_hash()))
+    sig = [(np.shape(x), str(x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype)) for x in leaves]
+    text = repr((getattr(fn, "__module__", ""), getattr(fn, "__qualname__", repr(fn)), str(tree), sig, st,
+                 jax.__version__, jax.default_backend(), _source_hash()))
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def _load_or_export(fn, args, key: str, folder: pathlib.Path):
+def _load_or_export(fn, args, static: dict, key: str, folder: pathlib.Path):
     path = folder / f"{key}.jaxexport"
     if path.exists():
         exp = jax.export.deserialize(bytearray(path.read_bytes()))
     else:
-        exp = jax.export.export(fn)(*args)
+        exp = jax.export.export(fn)(*args, **static)
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / f".{key}.{os.getpid()}.tmp"
         tmp.write_bytes(exp.serialize())
@@ -73,20 +77,26 @@ def _load_or_export(fn, args, key: str, folder: pathlib.Path):
     return jax.jit(exp.call)
 
 
-def call(fn, *args):
-    """``fn(*args)`` for a jitted ``fn`` whose arguments are all arrays (no static ones),
-    through its exported program when a persistent cache folder is set."""
+def _as_array(x):
+    return x if isinstance(x, (jax.Array, np.ndarray)) else np.asarray(x)
+
+
+def call(fn, *args, **static):
+    """``fn(*args, **static)`` for a jitted ``fn`` (``static``: its static arguments, by
+    name), through its exported program when a persistent cache folder is set."""
     folder = _cache_dir()
     if folder is None:
-        return fn(*args)
-    args = tuple(jax.tree.map(np.asarray, args))     # Python scalars → arrays: a fixed signature
-    key = _key(fn, args)
+        return fn(*args, **static)
+    args = tuple(jax.tree.map(_as_array, args))     # Python scalars → arrays: a fixed signature
+    key = _key(fn, args, static)
+    if key is None:
+        return fn(*args, **static)
     prog = _LOADED.get(key, False)
     if prog is False:
         with _LOCK:
             try:
-                prog = _load_or_export(fn, args, key, folder)
+                prog = _load_or_export(fn, args, static, key, folder)
             except Exception:       # unsupported by export, or a damaged file: the ordinary path
                 prog = None
             _LOADED[key] = prog
-    return fn(*args) if prog is None else prog(*args)
+    return fn(*args, **static) if prog is None else prog(*args)

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
+from . import _export
 from ._compute import precision, to_device
 from ._dist import chi2_ppf, norm_ppf
 from ._linalg import chol_small
@@ -124,7 +125,7 @@ def _profile_varpar(m, j, level, dev0, psi0, stats):
             psi = psi0.copy()
             psi[others] = x
             psi[j] = v
-            val, g = _vg_varpar(jax.device_put(psi), stats, layout=m.layout, reml=m.reml)
+            val, g = _export.call(_vg_varpar, jax.device_put(psi), stats, layout=m.layout, reml=m.reml)
             return float(val), np.asarray(g, float)[others]
         if not others:
             return fun(np.zeros(0))[0]

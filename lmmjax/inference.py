@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import _export
 from ._compute import precision, to_device
 from ._dist import f_sf, t_ppf, t_sf
 from ._linalg import gauss_jordan
@@ -418,7 +419,7 @@ class InferenceMixin:
             phi = natural_parameters(self._Ts, self.sigma, self.layout, self.theta)
             with precision("float64"):
                 dense = to_device(dense_crossproducts(self.stats, self.layout), np.float64)
-                out = kr_derivatives(jax.device_put(phi), dense, self.layout)
+                out = _export.call(kr_derivatives, jax.device_put(phi), dense, layout=self.layout)
                 # materialize inside the context: dispatch is asynchronous, and the
                 # one-thread BLAS limit must still hold while the program runs
                 c["kr"] = kr_adjusted(*jax.device_get(out))

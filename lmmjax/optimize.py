@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import _export
 from .likelihood import Layout, objective, sparse_value_grad_hess
 
 __all__ = ["OptimizeResult", "minimize_theta", "evaluate_theta", "fit_program",
@@ -147,8 +148,8 @@ def fit_program(theta0, stats, maxiter, gtol, layout: Layout, reml: bool):
 
 def _run(theta0, stats, layout, reml, maxiter, gtol):
     dtype = stats["XX"].dtype
-    out = fit_program(jax.device_put(np.asarray(theta0, dtype)), stats, maxiter, gtol,
-                      layout=layout, reml=reml)
+    out = _export.call(fit_program, jax.device_put(np.asarray(theta0, dtype)), stats, maxiter, gtol,
+                       layout=layout, reml=reml)
     out = jax.device_get(out)
     res = {k: np.asarray(out[k], float) for k in ("theta", "g", "H", "probes")}
     res.update(f=float(out["f"]), iterations=int(out["iterations"]), evaluations=int(out["evaluations"]))

@@ -65,7 +65,39 @@ def test_key_changes_with_shapes_and_sources(monkeypatch):
     a = (np.zeros(4), {"x": np.zeros((8, 2))})
     b = (np.zeros(4), {"x": np.zeros((16, 2))})
     f = lmmjax.bucketed.crit_many
-    assert _export._key(f, a) != _export._key(f, b)
-    k = _export._key(f, a)
+    assert _export._key(f, a, {}) != _export._key(f, b, {})
+    k = _export._key(f, a, {})
+    assert _export._key(f, a, {"layout": "L1"}) != _export._key(f, a, {"layout": "L2"}) != k
     monkeypatch.setattr(_export, "_SOURCE_HASH", ["edited"])
-    assert _export._key(f, a) != k
+    assert _export._key(f, a, {}) != k
+
+    class NoRepr:           # a static argument without stable text is never exported
+        pass
+
+    assert _export._key(f, a, {"s": NoRepr()}) is None
+
+
+def test_exported_kr_profile_and_layout_engine(export_dir, monkeypatch):
+    """Kenward-Roger's derivative program, the profile's criterion gradient and the layout
+    engine's fit program (static layout arguments baked into the export) give the ordinary
+    results."""
+    sleep = lmmjax.datasets.sleepstudy()
+    sleep = sleep.assign(D=(sleep.Days // 3).astype(str))
+
+    def work():
+        m = lmmjax.lmer(F, sleep)
+        cs = lmmjax.lmer("Reaction ~ Days + cs(0 + D | Subject)", sleep)
+        return (m.coef_table("kenward-roger"), m.confint("profile"), cs.reml_criterion, cs.theta)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(_export, "_cache_dir", lambda: None)
+        ref = work()
+    first = work()
+    _export._LOADED.clear()
+    second = work()
+    assert len(list(export_dir.glob("*.jaxexport"))) >= 4
+    for got in (first, second):
+        np.testing.assert_allclose(got[0].to_numpy(float), ref[0].to_numpy(float), rtol=1e-9)
+        np.testing.assert_allclose(got[1].to_numpy(float), ref[1].to_numpy(float), rtol=1e-7)
+        np.testing.assert_allclose(got[2], ref[2], rtol=1e-12)
+        np.testing.assert_allclose(got[3], ref[3], rtol=1e-6, atol=1e-8)
