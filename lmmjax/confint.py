@@ -20,6 +20,7 @@ with the compiled fit program for this design (one compilation), take percentile
 from __future__ import annotations
 
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -144,26 +145,39 @@ def _profile_varpar(m, j, level, dev0, psi0, stats):
         start["x"] = psi0[others]
         step = 0.5 * max(abs(v0), 1e-3) if names[j] != "sigma" and not names[j].startswith("cor_") else 0.2 * max(abs(v0), 1e-2)
         prev, v = v0, v0
-        found = None
+        found, undefined = None, False
         for _ in range(60):
             v = v + direction * step
             if lo_b is not None and v <= lo_b:
                 v = lo_b
             if hi_b is not None and v >= hi_b:
                 v = hi_b
-            if excess(v) > 0:
+            e = excess(v)
+            if not np.isfinite(e):       # the profile is undefined there (e.g. a correlation of a
+                undefined = True         # zero-variance term in a singular fit)
+                break
+            if e > 0:
                 found = (prev, v)
                 break
             if (lo_b is not None and v == lo_b) or (hi_b is not None and v == hi_b):
                 break
             prev = v
             step *= 1.6
+        if undefined:
+            ends.append(np.nan)
+            continue
         if found is None:
             ends.append(lo_b if direction < 0 else (hi_b if hi_b is not None else np.inf))
             continue
         a, b = found
         start["x"] = psi0[others]
-        ends.append(so.brentq(excess, min(a, b), max(a, b), xtol=1e-10 * max(1.0, abs(v0)), rtol=1e-12))
+        try:
+            ends.append(so.brentq(excess, min(a, b), max(a, b), xtol=1e-10 * max(1.0, abs(v0)), rtol=1e-12))
+        except ValueError:              # a non-finite profile inside the bracket
+            ends.append(np.nan)
+    if np.isnan(ends).any():
+        warnings.warn(f"the profile of {names[j]} is not defined everywhere (a singular fit?): its interval "
+                      "end is NaN, as lme4 reports NA; see m.is_singular", RuntimeWarning, stacklevel=4)
     return ends[0], ends[1]
 
 

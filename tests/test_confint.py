@@ -1,6 +1,7 @@
 """confint against lme4 (sleepstudy_slope_reml): profile within 1e-3 relative (issue 3;
 observed agreement ~5e-5, lme4 interpolates a spline), Wald within 1e-6 relative."""
 import numpy as np
+import pandas as pd
 import pytest
 
 import lmmjax
@@ -53,3 +54,19 @@ def test_simulate_shape_and_moments(fit_and_ref):
     Y = m.simulate(2000, seed=1)
     assert Y.shape == (m.nobs, 2000)
     np.testing.assert_allclose(Y.mean(axis=1), m.predict(re_form=False), atol=4 * 40 / np.sqrt(2000))
+
+
+def test_profile_of_a_singular_fit_does_not_crash():
+    """A fit with both random-effect SDs at 0 (no subject effect in the data): the profiles of
+    the SDs are not defined above the boundary (lme4's confint stops with an error on these
+    data); lmmjax reports NaN for those ends with a RuntimeWarning and the other intervals."""
+    rng = np.random.default_rng(1)
+    d = pd.DataFrame({"subject": np.repeat(np.arange(50), 5).astype(str), "time": np.tile(np.arange(5.0), 50)})
+    d["y"] = rng.normal(size=len(d)) + d.time
+    m = lmmjax.lmer("y ~ time + (time | subject)", d, warn=False)
+    assert m.is_singular
+    with pytest.warns(RuntimeWarning, match="not defined everywhere"):
+        ci = m.confint()
+    assert np.isfinite(ci.loc[["sigma", "(Intercept)", "time"]].to_numpy()).all()
+    assert ci.loc["sigma", "lower"] < m.sigma < ci.loc["sigma", "upper"]
+    assert ci.loc["time", "lower"] < m.fixef["time"] < ci.loc["time", "upper"]
