@@ -85,7 +85,7 @@ def test_exported_kr_profile_and_layout_engine(export_dir, monkeypatch):
     sleep = sleep.assign(D=(sleep.Days // 3).astype(str))
 
     def work():
-        m = lmmjax.lmer(F, sleep)
+        m = lmmjax.lmer("Reaction ~ Days + (1 | Subject)", sleep)
         cs = lmmjax.lmer("Reaction ~ Days + cs(0 + D | Subject)", sleep)
         return (m.coef_table("kenward-roger"), m.confint("profile"), cs.reml_criterion, cs.theta)
 
