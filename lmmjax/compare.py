@@ -12,35 +12,16 @@ import pandas as pd
 
 from ._dist import chi2_sf
 from .design import DataError
+from .tables import Table
 
 __all__ = ["compare", "CompareTable"]
 
 
-class CompareTable(pd.DataFrame):
-    """:func:`compare`'s table: a DataFrame whose printout (``repr``, ``print``, a notebook)
-    is the whole table — never wrapped or cut at pandas' display width — followed by its
-    notes (``.notes``, also in ``.attrs["notes"]``): ML refits, REML comparisons, boundary
-    tests.  Tables derived from it (``tab[["AIC"]]``, ``tab.loc[...]``) are plain pandas."""
-
-    @property
-    def _constructor(self):
-        return pd.DataFrame
-
-    @property
-    def notes(self) -> list[str]:
-        return list(self.attrs.get("notes", []))
-
-    def __repr__(self) -> str:
-        with pd.option_context("display.max_rows", None, "display.max_columns", None):
-            text = self.to_string(line_width=None)
-        return text + "".join(f"\nNote: {n}" for n in self.notes)
-
-    __str__ = __repr__
-
-    def _repr_html_(self) -> str:
-        notes = "".join(f"<p>Note: {n}</p>" for n in self.notes)
-        with pd.option_context("display.max_rows", None, "display.max_columns", None):
-            return self.to_html() + notes
+class CompareTable(Table):
+    """:func:`compare`'s table: printed whole (never wrapped or cut at pandas' display width)
+    and followed by its notes (``.notes``, also in ``.attrs["notes"]``): ML refits, REML
+    comparisons, boundary tests.  Tables derived from it (``tab[["AIC"]]``, ``tab.loc[...]``)
+    are plain pandas."""
 
 
 def _same_data(a, b) -> bool:

@@ -55,6 +55,7 @@ from .inference import InferenceMixin, kr_adjusted, normalize_ddf, t_columns, un
 from .likelihood import criterion
 from .residual import ResidualStructure, combine
 from .results import LmerResult
+from .tables import Table
 
 __all__ = ["gls", "fit_grouped", "GroupedResult"]
 
@@ -670,7 +671,7 @@ class GroupedResult(InferenceMixin):
         beta = self.fixef.to_numpy()
         se = np.sqrt(np.diag(self.vcov.to_numpy()))
         df = self.nlme_df()[0].to_numpy()
-        return pd.DataFrame({"estimate": beta, "se": se, "df": df, **t_columns(beta, se, df, level)},
+        return Table({"estimate": beta, "se": se, "df": df, **t_columns(beta, se, df, level)},
                             index=self.fixef.index)
 
     def _wald_f(self, Lm, den_df: float) -> pd.Series:
@@ -711,7 +712,7 @@ class GroupedResult(InferenceMixin):
             ms = r["F_unscaled"] * self.sigma**2
             rows[term] = {"SumSq": ms * r["num_df"], "MeanSq": ms, "num_df": int(r["num_df"]),
                           "den_df": r["den_df"], "F": r["F"], "p": r["p"]}
-        return pd.DataFrame.from_dict(rows, orient="index", columns=["SumSq", "MeanSq", "num_df", "den_df", "F", "p"])
+        return Table(pd.DataFrame.from_dict(rows, orient="index", columns=["SumSq", "MeanSq", "num_df", "den_df", "F", "p"]))
 
     def confint(self, method: str = "wald", level: float = 0.95, ddf: str = "nlme") -> pd.DataFrame:
         """Confidence intervals for the fixed effects, β̂ ± t_{df}(1 − α/2)·SE (nlme's

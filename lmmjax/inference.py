@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _export
+from .tables import Table
 from ._compute import precision, to_device
 from ._dist import f_sf, t_ppf, t_sf
 from ._linalg import gauss_jordan
@@ -459,7 +460,7 @@ class InferenceMixin:
                 df = np.full(p, float(self.nobs - p))
             else:
                 df = np.full(p, np.inf)
-        return pd.DataFrame({"estimate": beta, "se": se, "df": df, **t_columns(beta, se, df, level)},
+        return Table({"estimate": beta, "se": se, "df": df, **t_columns(beta, se, df, level)},
                             index=self.fixef.index)
 
     def _contrast_matrix(self, L) -> np.ndarray:
@@ -535,5 +536,5 @@ class InferenceMixin:
             ms = r["F_unscaled"] * self.sigma**2
             rows[term] = {"SumSq": ms * r["num_df"], "MeanSq": ms, "num_df": int(r["num_df"]),
                           "den_df": r["den_df"], "F": r["F"], "p": r["p"]}
-        return pd.DataFrame.from_dict(rows, orient="index",
-                                      columns=["SumSq", "MeanSq", "num_df", "den_df", "F", "p"])
+        return Table(pd.DataFrame.from_dict(rows, orient="index",
+                                            columns=["SumSq", "MeanSq", "num_df", "den_df", "F", "p"]))

@@ -106,6 +106,19 @@ def test_summary_displays_once(fit, capsys):
     assert capsys.readouterr().out == str(s) + "\n"
 
 
+def test_tables_print_whole(fit):
+    """coef_table/anova print every column at any display width (pandas would hide t and p
+    behind '...' in a narrow terminal); derived frames are plain pandas."""
+    import pandas as pd
+
+    with pd.option_context("display.width", 40, "display.max_columns", 0):
+        text = repr(fit.coef_table())
+        anova = repr(fit.anova())
+    assert "..." not in text and all(c in text.splitlines()[0] for c in ("estimate", "t", "p", "upper"))
+    assert "den_df" in anova and "p" in anova.splitlines()[0]
+    assert type(fit.coef_table()[["p"]]) is pd.DataFrame
+
+
 def test_ml_summary_has_information_criteria(sleep):
     m = lmmjax.lmer("Reaction ~ Days + (Days | Subject)", sleep, reml=False)
     s = m.summary(print_=False)
