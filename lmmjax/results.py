@@ -307,8 +307,8 @@ class LmerResult(InferenceMixin):
         return self.sigma**2 * T @ T.T
 
     #: largest random-effects dimension for which conditional prediction SEs are formed
-    #: (a dense (q + p)² system)
-    PEV_MAX_Q = 20_000
+    #: (dense (q + p)² matrices: ~200 MB each at this size)
+    PEV_MAX_Q = 5_000
 
     def _prediction_variance(self, X, kept) -> np.ndarray:
         """Var of the fitted part of each row: xᵀVar(β̂)x at the population level, else the
