@@ -48,7 +48,8 @@ from ._compute import precision
 from ._linalg import UNROLL_MAX, chol_small, spd_solve, tril_inv_small
 from .design import DataError, build_design, design_stats, masked_design_stats
 from .inference import (_satt_df_rows, contrast_matrix, dense_crossproducts,
-                        kr_adjusted, kr_test, normalize_ddf, satterthwaite_test, t_columns, vcov_varpar)
+                        kr_adjusted, kr_test, normalize_ddf, p_adjust, satterthwaite_test, t_columns,
+                        vcov_varpar)
 from .likelihood import Layout, criterion, factorize, objective
 from .optimize import DECREMENT_TOL, PROBE_STEPS, SINGULAR_TOL, _probe_points
 from .responses import ResponseMatrix, _is_anndata, from_anndata
@@ -548,20 +549,8 @@ def _fit_chunk_task(theta0, dstats, rstats, layout, reml, mapped, dtype):
 
 # ---------------------------------------------------------------- results
 def _bh(p: np.ndarray) -> np.ndarray:
-    """Benjamini–Hochberg adjusted p-values (NaN kept as NaN)."""
-    out = np.full(np.shape(p), np.nan, dtype=float)
-    ok = np.isfinite(p)
-    q = np.asarray(p)[ok]
-    m = q.size
-    if m == 0:
-        return out
-    order = np.argsort(q)
-    ranked = q[order] * m / np.arange(1, m + 1)
-    adj = np.minimum.accumulate(ranked[::-1])[::-1]
-    res = np.empty(m)
-    res[order] = np.minimum(adj, 1.0)
-    out[ok] = res
-    return out
+    """Benjamini–Hochberg adjusted p-values over the responses (NaN kept as NaN)."""
+    return p_adjust(np.asarray(p, float), "BH")
 
 
 def _theta_names(design) -> list[str]:

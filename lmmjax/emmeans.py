@@ -44,7 +44,7 @@ from ._dist import t_ppf, t_sf
 from .contrasts import _zapsmall
 from .design import FORMULA_CONTEXT, DataError, _variables, offset_values
 from .formula import InputError
-from .inference import _satt_df_rows, kr_test, normalize_ddf, t_columns
+from .inference import _satt_df_rows, kr_test, normalize_ddf, p_adjust, t_columns
 
 __all__ = ["emmeans", "EMMeans", "EMMContrasts"]
 
@@ -413,43 +413,6 @@ def _check_adjust(adjust: str) -> str:
     extra = (" (emmeans' 'mvt' is a Monte-Carlo multivariate-t probability that lmmjax does not compute)"
              if a.lower() == "mvt" else "")
     raise InputError(f"adjust must be one of {sorted(_ADJUST, key=str.lower)}, got {adjust!r}{extra}")
-
-
-# ------------------------------------------------------------ multiplicity adjustments
-def p_adjust(p, method: str, n: int | None = None) -> np.ndarray:
-    """R's ``p.adjust`` for one family: "bonferroni", "holm", "hochberg", "BH" (= "fdr"),
-    "BY", "none".  NaN entries stay NaN; ``n`` (default: the number of the others) is the
-    family size, as emmeans passes it (a non-estimable contrast still counts)."""
-    p = np.asarray(p, float)
-    out = p.copy()
-    ok = ~np.isnan(p)
-    q = p[ok]
-    m = q.size
-    n = m if n is None else int(n)
-    if method == "none" or m == 0:
-        return out
-    if method == "bonferroni":
-        out[ok] = np.minimum(1.0, n * q)
-        return out
-    if method == "holm":                                   # ascending, factors n, n-1, ...
-        o = np.argsort(q, kind="stable")
-        adj = np.minimum(1.0, np.maximum.accumulate((n - np.arange(m)) * q[o]))
-    else:                                                  # descending, ranks m, m-1, ..., 1
-        o = np.argsort(-q, kind="stable")
-        rank = np.arange(m, 0, -1)
-        if method == "hochberg":
-            fac = n - rank + 1.0
-        elif method in ("BH", "fdr"):
-            fac = n / rank
-        elif method == "BY":
-            fac = np.sum(1.0 / np.arange(1, n + 1)) * n / rank
-        else:
-            raise InputError(f"unknown p-value adjustment {method!r}")
-        adj = np.minimum(1.0, np.minimum.accumulate(fac * q[o]))
-    res = np.empty(m)
-    res[o] = adj
-    out[ok] = res
-    return out
 
 
 def _ptukey_sf(q, k, df):

@@ -164,6 +164,43 @@ def satterthwaite_test(L, beta, C, J, A) -> dict:
     return {k: (v[0].item() if single else v) for k, v in out.items()}
 
 
+# ------------------------------------------------------------ multiplicity adjustments
+def p_adjust(p, method: str, n: int | None = None) -> np.ndarray:
+    """R's ``p.adjust`` for one family: "bonferroni", "holm", "hochberg", "BH" (= "fdr"),
+    "BY", "none".  NaN entries stay NaN; ``n`` (default: the number of the others) is the
+    family size, as emmeans passes it (a non-estimable contrast still counts)."""
+    p = np.asarray(p, float)
+    out = p.copy()
+    ok = ~np.isnan(p)
+    q = p[ok]
+    m = q.size
+    n = m if n is None else int(n)
+    if method == "none" or m == 0:
+        return out
+    if method == "bonferroni":
+        out[ok] = np.minimum(1.0, n * q)
+        return out
+    if method == "holm":                                   # ascending, factors n, n-1, ...
+        o = np.argsort(q, kind="stable")
+        adj = np.minimum(1.0, np.maximum.accumulate((n - np.arange(m)) * q[o]))
+    else:                                                  # descending, ranks m, m-1, ..., 1
+        o = np.argsort(-q, kind="stable")
+        rank = np.arange(m, 0, -1)
+        if method == "hochberg":
+            fac = n - rank + 1.0
+        elif method in ("BH", "fdr"):
+            fac = n / rank
+        elif method == "BY":
+            fac = np.sum(1.0 / np.arange(1, n + 1)) * n / rank
+        else:
+            raise ValueError(f"unknown p-value adjustment {method!r}")
+        adj = np.minimum(1.0, np.minimum.accumulate(fac * q[o]))
+    res = np.empty(m)
+    res[o] = adj
+    out[ok] = res
+    return out
+
+
 # ------------------------------------------------------------ Kenward-Roger
 def natural_parameters(Ts, sigma: float, layout: Layout, theta=None) -> np.ndarray:
     """φ: for each term the free entries of Σ_k = σ²T_kT_kᵀ (the structure's own
