@@ -28,6 +28,7 @@ __all__ = ["call"]
 
 _LOCK = threading.Lock()
 _LOADED: dict = {}          # key -> jitted call of the deserialized program (or None: use fn)
+_KEYS: dict = {}            # (fn, tree, shapes and dtypes, static) -> key (a warm call hashes nothing)
 
 
 def _cache_dir() -> pathlib.Path | None:
@@ -54,14 +55,25 @@ def _source_hash() -> str:
 def _key(fn, args, static: dict) -> str | None:
     """The program's key, or None when a static argument has no stable text (an object
     printed with its address: a user's kernel class without a repr)."""
+    leaves, tree = jax.tree.flatten(args)
+    sig = tuple((np.shape(x), str(x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype)) for x in leaves)
+    try:
+        memo = (fn, tree, sig, tuple(sorted(static.items())), _source_hash())
+        hash(memo)
+    except TypeError:
+        memo = None
+    if memo is not None and memo in _KEYS:
+        return _KEYS[memo]
     st = repr(sorted(static.items()))
     if " at 0x" in st:
-        return None
-    leaves, tree = jax.tree.flatten(args)
-    sig = [(np.shape(x), str(x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype)) for x in leaves]
-    text = repr((getattr(fn, "__module__", ""), getattr(fn, "__qualname__", repr(fn)), str(tree), sig, st,
-                 jax.__version__, jax.default_backend(), _source_hash()))
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
+        key = None
+    else:
+        text = repr((getattr(fn, "__module__", ""), getattr(fn, "__qualname__", repr(fn)), str(tree), list(sig), st,
+                     jax.__version__, jax.default_backend(), _source_hash()))
+        key = hashlib.sha256(text.encode()).hexdigest()[:32]
+    if memo is not None:
+        _KEYS[memo] = key
+    return key
 
 
 def _load_or_export(fn, args, static: dict, key: str, folder: pathlib.Path):

@@ -39,8 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _export
-from ._linalg import chol_small, tril_inv_small
-from .likelihood import Layout, criterion, dense_rest, eliminate_first, finish_fixed, solve_from
+from ._linalg import UNROLL_MAX, chol_small, tril_inv_small
+from .likelihood import UNROLL_P, Layout, criterion, dense_rest, eliminate_first, finish_fixed, solve_from
 
 __all__ = ["bucket", "eligible", "bucket_stats", "factorize", "crit", "evaluate", "solve", "fit"]
 
@@ -50,8 +50,12 @@ __all__ = ["bucket", "eligible", "bucket_stats", "factorize", "crit", "evaluate"
 #: (1 + c1 | item) (q_r = 80) 8.8 s vs 0.16 s, (1 | subj) + (1 + c1 | item) 0.61 s vs 0.054 s,
 #: nested (1 | g/h) with 60 g's 0.18 s vs 0.043 s (both compile ~6 s for a first design)
 SMALL_QR_MAX = 32
-#: the smallest θ and fixed-effect buckets (most models have k, p ≤ 4: one bucket)
+#: the smallest θ bucket (most models have k ≤ 4: one bucket)
 K_MIN = 4
+#: the smallest fixed-effects bucket: p ≤ 2 (an intercept and one covariate) and p = 3, 4
+#: are two buckets, both factorized without LAPACK (vmappable, :func:`_lapack_free`); the
+#: 2 × 2 programs compile ~2 s faster than the unrolled 4 × 4 ones
+P_MIN = 2
 
 
 def bucket(n: int, lo: int) -> int:
@@ -85,7 +89,7 @@ def bucket_stats(stats: dict, layout: Layout) -> dict:
     """The design's statistics padded to its bucket, with the Λ templates (host arrays)."""
     l1, q1 = layout.n_levels[0], layout.q[0]
     p, k, qr = np.asarray(stats["XX"]).shape[0], layout.n_theta, layout.q_rest
-    l1b, pb, kb = bucket(l1, 8), bucket(p, K_MIN), bucket(k, K_MIN)
+    l1b, pb, kb = bucket(l1, 8), bucket(p, P_MIN), bucket(k, K_MIN)
     XX = np.eye(pb)
     XX[:p, :p] = stats["XX"]
     S = dict(D1=_pad(stats["D1"], (l1b, q1, q1)), Z1X=_pad(stats["Z1X"], (l1b, q1, pb)),
@@ -183,6 +187,20 @@ def _eliminate_first_sqrt(T1, S):
     return dict(LBi=LBi, RT=RT, cx=cx, cy=cy, T1=T1), Mxx, Mxy, Myy, logdet_z
 
 
+def _lapack_free(S) -> bool:
+    """Whether :func:`factorize` on these statistics calls no LAPACK routine (one
+    random-effects term of q₁ ≤ 6, a fixed-effects bucket within the unrolled
+    Cholesky): its points can then be vmapped, one batched pass instead of a
+    sequential loop (batched LAPACK calls have hung XLA-CPU, so the rest map)."""
+    return ("lrd_t" not in S and "lr_r" not in S and S["XX"].shape[0] <= UNROLL_P
+            and S["D1"].shape[-1] <= UNROLL_MAX)
+
+
+def _map(f, xs, S):
+    """``f`` over the rows of ``xs``: vmapped where :func:`_lapack_free`, else ``lax.map``."""
+    return jax.vmap(f)(xs) if _lapack_free(S) else jax.lax.map(f, xs)
+
+
 def _nu(S, reml):
     """ν = n − p (REML) or n (ML); ``reml`` is a traced 0/1 flag in these programs (REML and
     ML fits of a bucket share them)."""
@@ -225,9 +243,8 @@ def evaluate(theta, S, reml: bool):
     h = float(np.finfo(theta.dtype).eps) ** (1 / 3) * jnp.maximum(1.0, jnp.abs(theta))
     E = jnp.eye(k, dtype=theta.dtype) * h[None, :]
     pts = jnp.concatenate([theta[None], theta + E, theta - E])
-    # a sequential map, not vmap: batched LAPACK calls have hung XLA-CPU
-    # (one traced copy of the derivative program for all 2k + 1 points: compile time)
-    out = jax.lax.map(lambda t: _first_derivatives(t, S, reml), pts)
+    # one traced copy of the derivative program for all 2k + 1 points (compile time)
+    out = _map(lambda t: _first_derivatives(t, S, reml), pts, S)
     val, J, M, dM, RXi, z = jax.tree.map(lambda a: a[0], out)
     Jpm = out[1][1:]
     dJ = (Jpm[:k] - Jpm[k:]) / (2.0 * h[:, None, None])          # dJ[i] = ∂J/∂θᵢ: (k, 2, k)
@@ -254,9 +271,8 @@ def _sym(H):
 
 @jax.jit
 def crit_many(thetas, S, reml: bool):
-    """The criterion at each row of ``thetas`` (one dispatch; a sequential map, since
-    vmapped LAPACK calls have hung XLA-CPU)."""
-    return jax.lax.map(lambda t: criterion(factorize(t, S), S["n"], S["p"], reml), thetas)
+    """The criterion at each row of ``thetas`` (one dispatch)."""
+    return _map(lambda t: criterion(factorize(t, S), S["n"], S["p"], reml), thetas, S)
 
 
 def _canonical(theta, S):
@@ -298,7 +314,7 @@ def newton(theta0, grid, use_grid, free, maxiter, S, reml: bool):
         return (jnp.where(free, g, 0.0),
                 jnp.where(free[:, None] & free[None, :], H, 0.0) + jnp.diag(jnp.where(free, 0.0, 1.0)))
 
-    start = jax.lax.cond(use_grid, lambda: grid[jnp.argmin(jnp.nan_to_num(jax.lax.map(crit1, grid), nan=jnp.inf))],
+    start = jax.lax.cond(use_grid, lambda: grid[jnp.argmin(jnp.nan_to_num(_map(crit1, grid, S), nan=jnp.inf))],
                          lambda: theta0)
     kb = theta0.shape[0]
 

@@ -40,8 +40,9 @@ from ._linalg import chol_inv, chol_small, logdet_quad, spd_cholesky, tril_inv_s
 __all__ = ["Layout", "factorize", "objective", "solve"]
 
 #: fixed-effects counts up to this use the unrolled p × p Cholesky (fast under vmap,
-#: bigger programs); larger p uses LAPACK
-UNROLL_P = 3
+#: bigger programs); larger p uses LAPACK.  4 = the bucketed engine's smallest
+#: fixed-effects bucket, so its usual designs factorize LAPACK-free (vmappable)
+UNROLL_P = 4
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,10 @@ the caller — is left untouched.  ``dtype="float32"`` is an explicit speed opti
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import warnings
+import weakref
 
 import jax
 import numpy as np
@@ -73,25 +75,10 @@ def lmer(formula: str, data: pd.DataFrame, reml: bool = True, *, dtype: str = "f
         from .gls import fit_grouped
 
         return fit_grouped(formula, data, residual, reml=reml, dtype=dtype, engine="lmer", structures=structures)
-    user_design = build_design(formula, data, structures=structures, weights=weights)
-    # prior weights: the likelihood sees rows scaled by √wᵢ (an unweighted model whose
-    # criterion is the weighted one's + Σ log wᵢ); results keep the user's rows
-    design = user_design.weighted()
-    check_response_varies(design)
-    stats = {**design_stats(design), **response_stats(design, design.y)}
-    # the fit runs on standardized X and y (lmmjax.scaling): exact on badly scaled data
-    # and on centred, scaled columns of unstructured random-effects terms (a slope on a
-    # predictor offset by 10⁶ would otherwise sit at θ ~ 10⁵ with a correlation near −1)
-    Xs, ys, scale = standardize(design.X, design.y)
-    blocks, tscale = standardize_terms(design.blocks)
-    sdesign = dataclasses.replace(design, X=Xs, y=ys, blocks=blocks)
-    if tscale.any():
-        fstats = {**design_stats(sdesign), **response_stats(sdesign, ys)}
-    else:
-        fstats = {**stats, **x_stats(sdesign, Xs), **response_stats(sdesign, ys)}
+    prep = _prepare(formula, data, structures, weights)
+    user_design, design, stats, fstats = prep.user_design, prep.design, prep.stats, prep.fstats
+    Xs, ys, scale, blocks, tscale, sdesign = prep.Xs, prep.ys, prep.scale, prep.blocks, prep.tscale, prep.sdesign
     layout = design.layout
-    if len(design.blocks) == 1 and bucketed.eligible(fstats, layout):
-        fstats.update(within_stats(blocks[0], Xs, ys))      # no cancellation for a tiny σ
     to_fit = tscale.inverse()
 
     def user_theta(t):     # a user's start or θ in the fit's coordinates
@@ -159,6 +146,94 @@ def lmer(formula: str, data: pd.DataFrame, reml: bool = True, *, dtype: str = "f
             warnings.warn("boundary (singular) fit: see lmmjax docs on is_singular",
                           SingularFitWarning, stacklevel=2)
     return m
+
+
+@dataclasses.dataclass(frozen=True)
+class _Prepared:
+    """What a fit needs before the optimizer, all pure functions of (formula, data,
+    weights): the design, its statistics, and the standardized copies the fit runs on."""
+    user_design: object
+    design: object
+    stats: dict
+    Xs: np.ndarray
+    ys: np.ndarray
+    scale: object
+    blocks: list
+    tscale: object
+    sdesign: object
+    fstats: dict
+
+
+def _build_prepared(formula, data, structures, weights) -> _Prepared:
+    user_design = build_design(formula, data, structures=structures, weights=weights)
+    # prior weights: the likelihood sees rows scaled by √wᵢ (an unweighted model whose
+    # criterion is the weighted one's + Σ log wᵢ); results keep the user's rows
+    design = user_design.weighted()
+    check_response_varies(design)
+    stats = {**design_stats(design), **response_stats(design, design.y)}
+    # the fit runs on standardized X and y (lmmjax.scaling): exact on badly scaled data
+    # and on centred, scaled columns of unstructured random-effects terms (a slope on a
+    # predictor offset by 10⁶ would otherwise sit at θ ~ 10⁵ with a correlation near −1)
+    Xs, ys, scale = standardize(design.X, design.y)
+    blocks, tscale = standardize_terms(design.blocks)
+    sdesign = dataclasses.replace(design, X=Xs, y=ys, blocks=blocks)
+    if tscale.any():
+        fstats = {**design_stats(sdesign), **response_stats(sdesign, ys)}
+    else:
+        fstats = {**stats, **x_stats(sdesign, Xs), **response_stats(sdesign, ys)}
+    if len(design.blocks) == 1 and bucketed.eligible(fstats, design.layout):
+        fstats.update(within_stats(blocks[0], Xs, ys))      # no cancellation for a tiny σ
+    return _Prepared(user_design, design, stats, Xs, ys, scale, blocks, tscale, sdesign, fstats)
+
+
+#: the last few prepared designs, keyed by (formula, id(data), weights column): a refit of
+#: the same model to the same data frame (an ML refit for a comparison, ``start=``/``theta=``
+#: refits, repeated fits) skips the formula, the model matrices and the statistics.  An
+#: entry is used only while its data frame is alive and every used column (and the index)
+#: still equals the copy taken at the fit: a frame edited in place is rebuilt.
+_PREPARED: "collections.OrderedDict" = collections.OrderedDict()
+PREPARED_MAX = 4
+#: frames with more rows are not cached (the entry holds copies of the used columns and
+#: the standardized matrices beside the result's own)
+PREPARED_MAX_ROWS = 250_000
+
+
+def _prepare(formula, data, structures, weights) -> _Prepared:
+    cacheable = (structures is None and (weights is None or isinstance(weights, str))
+                 and isinstance(data, pd.DataFrame) and isinstance(formula, str) and len(data) <= PREPARED_MAX_ROWS)
+    if not cacheable:
+        return _build_prepared(formula, data, structures, weights)
+    key = (formula, id(data), weights)
+    hit = _PREPARED.get(key)
+    if hit is not None:
+        ref, index, columns, prep = hit
+        if ref() is data and _same_columns(data, index, columns):
+            _PREPARED.move_to_end(key)
+            return prep
+        del _PREPARED[key]
+    prep = _build_prepared(formula, data, structures, weights)
+    used = list(prep.user_design.frame.columns) + ([weights] if weights is not None else [])
+    try:
+        ref = weakref.ref(data)
+    except TypeError:
+        return prep
+    _PREPARED[key] = (ref, data.index.copy(), {c: data[c].copy() for c in dict.fromkeys(used)}, prep)
+    while len(_PREPARED) > PREPARED_MAX:
+        _PREPARED.popitem(last=False)
+    return prep
+
+
+def _same_columns(data, index, columns) -> bool:
+    """Whether ``data`` still has the index and the used columns' dtypes and values."""
+    if not data.index.equals(index):
+        return False
+    for c, old in columns.items():
+        if c not in data.columns:
+            return False
+        col = data[c]
+        if not isinstance(col, pd.Series) or col.dtype != old.dtype or not col.equals(old):
+            return False
+    return True
 
 
 class FitError(InputError):

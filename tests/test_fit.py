@@ -145,3 +145,37 @@ def test_diag_structure_equals_double_bar(sleep):
     for ddf in ("satterthwaite", "kenward-roger"):
         np.testing.assert_allclose(a.coef_table(ddf).to_numpy(), b.coef_table(ddf).to_numpy(), rtol=1e-5)
     assert list(a.varcorr["group"]) == ["Subject", "Subject", "Residual"]
+
+
+def test_refit_reuses_the_prepared_design_until_the_data_change(monkeypatch):
+    """A refit of the same formula on the same frame (an ML refit, start=, a repeat) skips
+    the design; a column edited in place, a new frame or other weights rebuild it, and
+    every fit equals a fit on a fresh copy of the data."""
+    from lmmjax import model
+
+    data = lmmjax.datasets.sleepstudy()
+    f = "Reaction ~ Days + (Days | Subject)"
+    calls = []
+    orig = model._build_prepared
+    monkeypatch.setattr(model, "_build_prepared", lambda *a: calls.append(1) or orig(*a))
+    m1 = lmmjax.lmer(f, data)
+    ml = lmmjax.lmer(f, data, reml=False)
+    assert len(calls) == 1
+    ref_ml = lmmjax.lmer(f, data.copy(), reml=False)
+    assert len(calls) == 2
+    assert ml.loglik == pytest.approx(ref_ml.loglik, rel=1e-12)
+    np.testing.assert_allclose(ml.fixef, ref_ml.fixef, rtol=1e-10)
+    # in-place edits of the response, a predictor and a grouping factor are all seen
+    for col, new in [("Reaction", data.Reaction * 1.5), ("Days", np.random.default_rng(1).permutation(data.Days.to_numpy())),
+                     ("Subject", np.roll(data.Subject.to_numpy(), 3))]:
+        data[col] = new
+        m = lmmjax.lmer(f, data)
+        fresh = lmmjax.lmer(f, data.copy())
+        assert m.reml_criterion == pytest.approx(fresh.reml_criterion, rel=1e-12)
+        assert m.reml_criterion != pytest.approx(m1.reml_criterion, rel=1e-6)
+        m1 = m
+    n = len(calls)
+    data.loc[0, "Reaction"] += 100.0            # a single value changed in place
+    m = lmmjax.lmer(f, data)
+    assert len(calls) == n + 1
+    assert m.reml_criterion == pytest.approx(lmmjax.lmer(f, data.copy()).reml_criterion, rel=1e-12)
