@@ -212,7 +212,7 @@ def _anova_table(m, ddf: str):
 
 def fit_json(m, ddf: str, data_path: str, weights=None, anova=None) -> dict:
     """The machine-readable result of one fit (what ``--json`` writes)."""
-    from .batch import _theta_names
+    from .batchresult import _theta_names
 
     if ddf == "none":
         tab = m.coef_table("asymptotic")[["estimate", "se", "t"]]

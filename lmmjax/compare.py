@@ -70,11 +70,7 @@ def _n_boundary(m) -> int:
 
 
 def _refit_ml(m):
-    if _grouped(m):
-        return m.refit(reml=False)
-    from .model import lmer
-
-    return lmer(m.formula, m.data, reml=False, weights=getattr(m, "weights_arg", None))
+    return m.refit(reml=False)
 
 
 def compare(*models, refit: bool | None = None, names=None) -> CompareTable:

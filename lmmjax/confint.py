@@ -60,16 +60,22 @@ def varpar_names(m) -> list[str]:
 
 
 def varpar_values(m) -> np.ndarray:
+    return _varpar_from(m.layout, [np.asarray(T, float) for T in m._Ts], m.sigma)
+
+
+def _varpar_from(layout: Layout, Ts, sigma: float) -> np.ndarray:
+    """(sd, cor, σ) in :func:`varpar_names`' order from the templates T_k and σ
+    (Σ_k = σ²T_kT_kᵀ)."""
     vals = []
-    covs = [C.to_numpy() for C in m.covariance_matrices()]
-    for (k, i, j) in _term_slots(m.layout):
+    covs = [sigma**2 * T @ T.T for T in Ts]
+    for (k, i, j) in _term_slots(layout):
         C = covs[k]
         if i == j:
             vals.append(math.sqrt(max(C[i, i], 0.0)))
         else:
             d = math.sqrt(C[i, i] * C[j, j])
             vals.append(C[i, j] / d if d > 0 else 0.0)
-    return np.array(vals + [m.sigma])
+    return np.array(vals + [sigma])
 
 
 def _theta_from_varpar(psi, layout: Layout):
@@ -231,15 +237,11 @@ def _profile_fixed(m, j, level, dev0):
 
 
 def _profile(m, level):
-    import warnings
-
-    from .model import lmer
-
     mml = m
     if m.reml:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            mml = lmer(m.formula, m.data, reml=False, weights=getattr(m, "weights_arg", None))
+            mml = m.refit(reml=False)
     # the profiles evaluate the criterion on the fit's statistics, which under prior weights
     # are those of the √w-scaled rows: the deviance there is the reported one + Σ log wᵢ
     dev0 = mml.deviance + mml.design.log_weights
@@ -289,14 +291,11 @@ def simulate(m, nsim: int, seed=None, re_form=False) -> np.ndarray:
 
 
 def _bootstrap(m, level, nsim, seed):
-    """Percentile intervals from parametric-bootstrap refits (the compiled fit program
-    for this design is reused for every simulated response: one compilation)."""
-    import copy
-
+    """Percentile intervals from parametric-bootstrap refits, each through
+    :func:`lmmjax.engine.fit_stats` — the engine the model was fitted with, from its θ̂
+    (the bucketed engine's programs, or this layout's, compile once for all replicates)."""
     from .design import response_stats
-    from .likelihood import solve
-    from .optimize import minimize_theta
-    from .results import LmerResult
+    from .engine import fit_stats
 
     Y = simulate(m, nsim, seed)
     if m.design.offset is not None:     # the fits see the working response y − offset
@@ -306,16 +305,12 @@ def _bootstrap(m, level, nsim, seed):
     rs = response_stats(wd, Y if m.design.weights is None else Y * np.sqrt(m.design.weights)[:, None])
     names = varpar_names(m) + list(m.fixef.index)
     draws = np.empty((nsim, len(names)))
-    with precision():
-        for i in range(nsim):
-            st = {**dstats, **{k: v[i] for k, v in rs.items()}}
-            dev = to_device(st, np.float64)
-            opt = minimize_theta(dev, m.layout, m.reml, theta0=m.theta)
-            sol = jax.tree.map(np.asarray, solve(jax.device_put(opt.theta), dev, m.layout, m.reml))
-            design = copy.copy(m.design)
-            design.y = Y[:, i]
-            mi = LmerResult(design, st, opt, sol, m.reml)
-            draws[i] = np.r_[varpar_values(mi), mi.fixef.to_numpy()]
+    for i in range(nsim):
+        st = {**dstats, **{k: v[i] for k, v in rs.items()}}
+        opt, sol, _ = fit_stats(st, m.layout, m.reml, theta0=m.theta)
+        Ts = m.layout.factors_host(np.asarray(opt.theta, float))
+        draws[i] = np.r_[_varpar_from(m.layout, Ts, math.sqrt(float(sol["sigma2"]))),
+                         np.asarray(sol["beta"], float)]
     a = (1 - level) / 2
     lo, hi = np.nanquantile(draws, [a, 1 - a], axis=0)
     return {n: (l, h) for n, l, h in zip(names, lo, hi)}, draws

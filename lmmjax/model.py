@@ -5,9 +5,9 @@ The pipeline mirrors lme4's ``lFormula -> mkLmerDevfun -> optimizeLmer -> mkMerM
 :func:`~lmmjax.scaling.standardize` (the fit's X, y and random-effects columns, transformed
 back exactly afterwards), :func:`~lmmjax.design.design_stats` /
 :func:`~lmmjax.design.response_stats` (the cross-products the criterion needs), the fit —
-:func:`lmmjax.bucketed.fit` (programs compiled once per shape bucket, host Newton) for the
-usual structures, :func:`~lmmjax.optimize.minimize_theta` (compiled L-BFGS per design) for
-the rest — and :class:`~lmmjax.results.LmerResult`.  ``optinfo.hessian`` is in the fit's θ
+:func:`lmmjax.engine.fit_stats` (the bucketed Newton, programs compiled once per shape
+bucket, for the usual structures; the layout engine for the rest) — and
+:class:`~lmmjax.results.LmerResult`.  ``optinfo.hessian`` is in the fit's θ
 coordinates (the user's, unless a random-effects term was standardized).
 
 Precision: fits run in float64 inside ``jax.enable_x64(True)``, a context
@@ -21,16 +21,15 @@ import dataclasses
 import warnings
 import weakref
 
-import jax
 import numpy as np
 import pandas as pd
 
 from . import bucketed
-from ._compute import precision, to_device
+from ._compute import precision  # noqa: F401  (lmmjax.precision)
 from .design import build_design, check_response_varies, design_stats, response_stats, x_stats
+from .engine import fit_stats
 from .formula import InputError
-from .likelihood import solve
-from .optimize import ConvergenceWarning, SingularFitWarning, evaluate_theta, minimize_theta
+from .optimize import ConvergenceWarning, SingularFitWarning
 from .results import LmerResult
 from .scaling import standardize, standardize_terms, within_stats
 
@@ -85,20 +84,8 @@ def lmer(formula: str, data: pd.DataFrame, reml: bool = True, *, dtype: str = "f
         return None if t is None else to_fit.theta(_check_theta(t, layout), layout)
 
     def fit_pass(st, theta0):
-        with precision(dtype) as dt:
-            if bucketed.eligible(st, layout):
-                if theta is None:
-                    o, s_, sa = bucketed.fit(st, layout, reml, dt, theta0=theta0, maxiter=min(maxiter, 200))
-                else:
-                    o, s_, sa = bucketed.at_theta(st, layout, reml, dt, user_theta(theta))
-                return o, s_, (sa if dt == np.float64 else None)
-            dev_stats = to_device(st, dt)
-            if theta is None:
-                o = minimize_theta(dev_stats, layout, reml, theta0=theta0, maxiter=maxiter)
-            else:
-                o = evaluate_theta(dev_stats, layout, reml, user_theta(theta))
-            s_ = solve(jax.device_put(np.asarray(o.theta, dt)), dev_stats, layout, reml)
-            return o, jax.tree.map(np.asarray, s_), None
+        return fit_stats(st, layout, reml, dtype, theta0=theta0, maxiter=maxiter,
+                         theta=None if theta is None else user_theta(theta))
 
     opt, sol, satt = fit_pass(fstats, user_theta(start))
     # a second pass where β̂ still explains much of the (standardized) y: r² = Myy − zᵀz
@@ -133,6 +120,7 @@ def lmer(formula: str, data: pd.DataFrame, reml: bool = True, *, dtype: str = "f
             "extreme values; check the response and the model")
     m = LmerResult(user_design, stats, opt, sol, reml, data_name=getattr(data, "_lmmjax_name", None))
     m.weights_arg = weights     # as given, for refits (compare, profile)
+    m._fitter = lmer            # m.refit() (results sit below this module: no import back)
     # (the evaluation's Satterthwaite derivatives are in the fit's θ coordinates: the same df
     # at an optimum, where the gradient vanishes, but not at a caller's θ — computed later then)
     if satt is not None and not (theta is not None and tscale.any()):

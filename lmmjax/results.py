@@ -362,6 +362,16 @@ class LmerResult(InferenceMixin):
             return groups
         raise DataError(f"re_form must be None, False/NaN, or a formula string; got {re_form!r}")
 
+    # ------------------------------------------------------------ refits
+    def refit(self, reml: bool | None = None) -> "LmerResult":
+        """The same model refitted to the same data (formula, weights), by REML
+        (``reml=True``) or ML (``False``; lme4's ``refitML``); ``None`` keeps the fit's."""
+        fitter = getattr(self, "_fitter", None)
+        if fitter is None or getattr(self, "data", None) is None:
+            raise ValueError("this result was not made by lmmjax.lmer on a data frame: nothing to refit")
+        return fitter(self.formula, self.data, reml=self.reml if reml is None else bool(reml),
+                      weights=getattr(self, "weights_arg", None))
+
     # ------------------------------------------------------------ intervals, simulation
     def confint(self, method: str = "profile", level: float = 0.95, nsim: int = 500, seed=None):
         """Confidence intervals like lme4's ``confint``; see :func:`lmmjax.confint.confint`."""
