@@ -188,12 +188,12 @@ def _profile_varpar(m, j, level, dev0, psi0, stats):
 
 
 def _profile_fixed(m, j, level, dev0):
-    """Profile β_j of an ML fit: offset y − b·x_j, refit θ by ML on the other columns."""
+    """Profile β_j of an ML fit: offset y − b·x_j, refit θ by ML on the other columns
+    (through :func:`lmmjax.engine.fit_stats`, the engine of every fit)."""
     import scipy.optimize as so
 
-    from .optimize import minimize_theta
-
     from .design import SPARSE_KEYS
+    from .engine import fit_stats
 
     st = {k: np.asarray(v, float) for k, v in m.stats.items() if k not in SPARSE_KEYS}
     p = st["XX"].shape[0]
@@ -214,8 +214,7 @@ def _profile_fixed(m, j, level, dev0):
         s["yy"] = st["yy"] - 2 * b * st["Xy"][j] + b * b * st["XX"][j, j]
         if m.layout.q_rest:
             s["Zry"] = st["Zry"] - b * st["ZrX"][:, j]
-        with precision():
-            opt = minimize_theta(to_device(s, np.float64), m.layout, False, theta0=start["theta"])
+        opt, _, _ = fit_stats(s, m.layout, False, theta0=start["theta"])
         return opt.criterion
 
     def excess(b):
