@@ -14,7 +14,7 @@ the best of a few multiples of the default θ; the θ = 0 trap is handled as in 
 single fit: the criterion is probed at inward points and at exactly 0 for every
 diagonal entry and the Newton iterations continue from the best point, then tiny
 diagonals are snapped to exactly 0.  Kenward-Roger pieces come on demand from a
-second program, in closed form (:func:`_kr_linear`).
+second program, in closed form (:func:`lmmjax.kenward_roger.kr_linear`).
 
 Chunks (:class:`_Chunk`) are the unit of work: sized to a memory budget and padded to
 one size per kind, so every chunk of a kind runs the same compiled program.  The driver
@@ -29,11 +29,11 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
-import jax.scipy.linalg as jsl
 import numpy as np
 
 from ._compute import precision
-from ._linalg import UNROLL_MAX, chol_small, spd_solve, tril_inv_small
+from ._linalg import chol_small, tril_inv_small
+from .kenward_roger import basis_matrices, kr_linear
 from .likelihood import Layout, criterion, factorize, objective
 from .optimize import PROBE_STEPS, _probe_points
 
@@ -343,112 +343,18 @@ def batch_fit_program(theta0, dstats, rstats, layout: Layout, reml: bool, design
     return ev
 
 
-def _basis_matrices(layout: Layout) -> np.ndarray:
-    """E_i = ∂(I_ℓ ⊗ Σ_k)/∂φ_i placed in Λ's q × q layout, one per random-effect natural
-    parameter φ_i (Σ_k is linear in φ for the structures lmer_batch fits): (m, q, q)."""
-    q_tot = sum(l * s.q for s, l in zip(layout.structures, layout.n_levels))
-    out, start = [], 0
-    with jax.ensure_compile_time_eval():
-        for s, l in zip(layout.structures, layout.n_levels):
-            for i in range(s.n_natural):
-                e = np.zeros(s.n_natural)
-                e[i] = 1.0
-                Ei = np.asarray(s.cov_from_natural(jnp.asarray(e)), float)
-                full = np.zeros((q_tot, q_tot))
-                full[start: start + l * s.q, start: start + l * s.q] = np.kron(np.eye(l), Ei)
-                out.append(full)
-            start += l * s.q
-    return np.stack(out)
-
-
-def _spd_inverse(A, blocks=None):
-    """A⁻¹ for one small SPD matrix without LAPACK (vmapped over thousands of responses):
-    block by block when A is block diagonal with ``blocks = (ℓ, b)`` blocks of size
-    b ≤ 6, else :func:`~lmmjax._linalg.spd_solve`."""
-    q = A.shape[-1]
-    if q > UNROLL_MAX and blocks is not None and blocks[1] <= UNROLL_MAX:
-        ell, bsz = blocks
-        idx = np.arange(ell)
-        Ab = A.reshape(ell, bsz, ell, bsz)[idx, :, idx, :]                  # (ℓ, b, b)
-        Li = tril_inv_small(chol_small(Ab))
-        inv = jnp.einsum("jba,jbc->jac", Li, Li)
-        out = jnp.zeros((ell, bsz, ell, bsz), A.dtype).at[idx, :, idx, :].set(inv)
-        return out.reshape(q, q)
-    return spd_solve(A, jnp.eye(q, dtype=A.dtype))[0]
-
-
-def _kr_linear(theta, sigma, dense, E, layout: Layout):
-    r"""Kenward-Roger pieces for one response whose V is linear in pbkrtest's natural
-    parameters φ = (entries of each Σ_k, σ²), in closed form — no autodiff, no
-    differences.  V = Σ_i φ_i G_i with G_i = Z E_i Zᵀ and G_σ² = I.
-
-    With Λ from θ, A = ΛᵀZᵀZΛ + I and N = ΛA⁻¹Λᵀ, σ²V⁻¹ = I − ZNZᵀ (Woodbury), so every
-    product of V⁻¹ with Z and X reduces to q × q and q × p algebra on the cross-products:
-    σ²ZᵀV⁻¹Z = ZᵀZ − ZᵀZNZᵀZ, σ²ZᵀV⁻¹X = ZᵀX − ZᵀZNZᵀX, σ²XᵀV⁻¹X = XᵀX − XᵀZNZᵀX,
-    σ²V⁻¹X = X − ZNZᵀX (its Gram matrix and Z-products give XᵀV⁻²X, ZᵀV⁻²X, XᵀV⁻³X).
-    Then, with U = ZᵀV⁻¹X, Ω = ZᵀV⁻¹Z, Φ = M⁻¹ and Π = V⁻¹ − V⁻¹XΦXᵀV⁻¹
-    (Kenward & Roger 1997; Halekoh & Højsgaard 2014, pbkrtest):
-
-        M    = XᵀV⁻¹X                       P_i = −UᵀE_iU,        P_σ = −XᵀV⁻²X
-        Q_ij = UᵀE_iΩE_jU,  Q_iσ = UᵀE_iZᵀV⁻²X,  Q_σσ = XᵀV⁻³X,  ∂²M/∂φ_i∂φ_j = Q_ij + Q_ji
-        I_E  = ½tr(ΠG_iΠG_j):  ½tr(E_iΨE_jΨ) with Ψ = ZᵀΠZ;  ½tr(E_iZᵀΠ²Z);  ½tr(Π²)
-
-    Returns (M, P (p, p, k), ∂²M (p, p, k, k), I_E (k, k)) as :func:`kr_adjusted` takes them."""
-    ZtZ, ZtX, XX, n = dense["ZtZ"], dense["ZtX"], dense["XX"], dense["n"]
-    q = ZtZ.shape[0]
-    s2 = sigma * sigma
-    Lam = jsl.block_diag(*[jnp.kron(jnp.eye(l, dtype=theta.dtype), T)
-                           for T, l in zip(layout.factors(theta), layout.n_levels)])
-    A = Lam.T @ ZtZ @ Lam + jnp.eye(q, dtype=theta.dtype)
-    single = len(layout.structures) == 1
-    N = Lam @ _spd_inverse(A, (layout.n_levels[0], layout.q[0]) if single else None) @ Lam.T
-    ZN = ZtZ @ N                                   # ZᵀZ N
-    I_ZN = jnp.eye(q, dtype=theta.dtype) - ZN
-    Rz = ZtZ - ZN @ ZtZ                            # σ² ZᵀV⁻¹Z
-    Ux = ZtX - ZN @ ZtX                            # σ² ZᵀV⁻¹X
-    Mx = XX - ZtX.T @ N @ ZtX                      # σ² XᵀV⁻¹X
-    X2 = Mx - ZtX.T @ N @ Ux                       # σ⁴ XᵀV⁻²X
-    X3 = X2 - Ux.T @ N @ Ux                        # σ⁶ XᵀV⁻³X
-    M = Mx / s2
-    Phi = _spd_inverse(M)
-    U, Om = Ux / s2, Rz / s2
-    ZW2Z, ZW2X = I_ZN @ Rz / s2**2, I_ZN @ Ux / s2**2
-    XW2X, XW3X = X2 / s2**2, X3 / s2**3
-    trW2 = (n - 2.0 * jnp.trace(ZN) + jnp.sum(ZN * ZN.T)) / s2**2
-
-    EU = jnp.einsum("iab,bp->iap", E, U)                                   # (m, q, p)
-    P_re = -jnp.einsum("aq,iap->iqp", U, EU)
-    P = jnp.concatenate([P_re, -XW2X[None]])                               # (k, p, p)
-    Q_re = jnp.einsum("iap,ab,jbr->ijpr", EU, Om, EU)
-    Q_rs = jnp.einsum("iap,ar->ipr", EU, ZW2X)                             # Q_iσ
-    m = E.shape[0]
-    Q = jnp.zeros((m + 1, m + 1) + M.shape, M.dtype)
-    Q = Q.at[:m, :m].set(Q_re).at[:m, m].set(Q_rs).at[m, :m].set(jnp.swapaxes(Q_rs, -1, -2)).at[m, m].set(XW3X)
-    HM = Q + jnp.swapaxes(Q, 0, 1)
-    UPhi = U @ Phi
-    Psi = Om - UPhi @ U.T                                                  # ZᵀΠZ
-    Pi2 = (ZW2Z - ZW2X @ UPhi.T - UPhi @ ZW2X.T + UPhi @ XW2X @ UPhi.T)   # ZᵀΠ²Z
-    EPsi = jnp.einsum("iab,bc->iac", E, Psi)
-    IE_re = 0.5 * jnp.einsum("iab,jba->ij", EPsi, EPsi)
-    IE_rs = 0.5 * jnp.einsum("iab,ba->i", E, Pi2)
-    PhiX2 = Phi @ XW2X
-    IE_ss = 0.5 * (trW2 - 2.0 * jnp.trace(Phi @ XW3X) + jnp.sum(PhiX2 * PhiX2.T))
-    IE = jnp.zeros((m + 1, m + 1), M.dtype)
-    IE = IE.at[:m, :m].set(IE_re).at[:m, m].set(IE_rs).at[m, :m].set(IE_rs).at[m, m].set(IE_ss)
-    return M, jnp.moveaxis(P, 0, -1), jnp.moveaxis(HM, (0, 1), (-2, -1)), IE
-
-
 @partial(jax.jit, static_argnames=("layout", "design_mapped", "batch_size"))
 def batch_kr_program(theta, sigma, dense, layout: Layout, design_mapped: bool = False, batch_size=None):
     """Kenward-Roger pieces (M, ∂M, ∂²M, expected information) for every response,
-    in pbkrtest's natural parameters φ (entries of each Σ_k, then σ²): :func:`_kr_linear`
+    in pbkrtest's natural parameters φ (entries of each Σ_k, then σ²): :func:`lmmjax.kenward_roger.kr_linear`
     mapped over responses, ``batch_size`` at a time (vmapped within a batch; memory: a few
     q × q matrices per response)."""
-    E = jnp.asarray(_basis_matrices(layout), theta.dtype)
+    E = jnp.asarray(basis_matrices(layout), theta.dtype)
     if design_mapped:
-        return jax.lax.map(lambda a: _kr_linear(a[0], a[1], a[2], E, layout), (theta, sigma, dense),
+        return jax.lax.map(lambda a: kr_linear(layout.factors(a[0]), a[1], a[2], E, layout.n_levels), (theta, sigma, dense),
                            batch_size=batch_size)
-    return jax.lax.map(lambda a: _kr_linear(a[0], a[1], dense, E, layout), (theta, sigma), batch_size=batch_size)
+    return jax.lax.map(lambda a: kr_linear(layout.factors(a[0]), a[1], dense, E, layout.n_levels), (theta, sigma),
+                       batch_size=batch_size)
 
 
 # ---------------------------------------------------------------- chunks

@@ -1,4 +1,4 @@
-r"""Small-sample inference for fixed effects: Satterthwaite and Kenward-Roger by autodiff.
+r"""Small-sample inference for fixed effects: Satterthwaite (autodiff) and Kenward-Roger.
 
 **Satterthwaite** (Kuznetsova, Brockhoff & Christensen 2017, lmerTest).  With
 variance parameters ψ = (θ, σ) and the *unprofiled* criterion
@@ -18,8 +18,8 @@ variant pbkrtest implements: natural parameters φ = (entries of each Σ_k, σ²
 which V(φ) = Σ_k Z_k(I⊗Σ_k)Z_kᵀ + σ²I is *linear*, so the second-derivative terms
 R_ij vanish; *expected* information.  With M(φ) = XᵀV⁻¹X, Φ = M⁻¹:
 
-    P_i  = ∂M/∂φ_i                               (jax.jacfwd)
-    Σ_ij W_ij Q_ij = ½ Σ_ij W_ij ∂²M/∂φ_i∂φ_j     (jax.hessian; exact when V is linear)
+    P_i  = ∂M/∂φ_i
+    Σ_ij W_ij Q_ij = ½ Σ_ij W_ij ∂²M/∂φ_i∂φ_j     (exact when V is linear)
     I_E  = ½ tr(P G_i P G_j) = −½ ∂²[log|V| + log|M|]/∂φ_i∂φ_j   (P the REML projection)
     W    = I_E⁻¹,   Φ_A = Φ + 2Φ[Σ W_ij (Q_ij − P_iΦP_j)]Φ
 
@@ -32,31 +32,27 @@ parameters —
     Φ_A = Φ + 2Φ[Σ W_ij (Q_ij − P_iΦP_j − ¼R_ij)]Φ,   R_ij = XᵀV⁻¹(∂²V/∂φ_i∂φ_j)V⁻¹X,
     I_E = ½ tr(P V_i P V_j)  (expected information, not −½ ∂²ld, which adds ½tr(P V_ij)),
 
-with R and tr(P V_ij) obtained by the chain rule through the coordinates s in which V
-is linear (:func:`kr_second_order`).  The R terms make the adjustment depend on the
+with R obtained by the chain rule through the coordinates s in which V is linear.  The R terms make the adjustment depend on the
 parameterization: ours is (variances, correlation), as K&R's own examples.  For linear
-structures R = 0 and this is exactly pbkrtest.  Nothing of size
-n × n is formed: M, log|V| and log|M| come from the q × q cross-products
-(log|V| = n log σ² + log|I + ZᵀZ S|, V⁻¹ by the push-through identity with
-S = D/σ², which stays valid when a variance is 0).
+structures R = 0 and this is exactly pbkrtest.  The pieces (M, P, ∂²M, I_E,
+R) come in closed form from the q × q cross-products (:mod:`lmmjax.kenward_roger`, the
+same code as the batch's); nothing of size n × n is formed.
 """
 from __future__ import annotations
 
 from functools import partial
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from . import _export
 from .tables import Table
 from ._compute import precision, to_device
 from ._dist import f_sf, t_ppf, t_sf
-from ._linalg import gauss_jordan
-from .covariance import Unstructured
+from .kenward_roger import kr_structured
 from .likelihood import Layout, factorize, sparse_satterthwaite, unprofiled_deviance
 
-__all__ = ["satterthwaite_derivatives", "kr_derivatives", "kr_second_order", "satterthwaite_test", "kr_test",
+__all__ = ["satterthwaite_derivatives", "satterthwaite_test", "kr_test", "kr_adjusted",
            "natural_parameters", "dense_crossproducts"]
 
 EIG_TOL = 1e-8  # lmerTest's tolerance for the eigenvalues of H
@@ -232,97 +228,6 @@ def dense_crossproducts(stats: dict, layout: Layout) -> dict:
     return dict(ZtZ=ZtZ, ZtX=ZtX, XX=np.asarray(stats["XX"]), n=float(stats["n"]))
 
 
-def _right_apply_S(Mat, phi, layout: Layout):
-    """Mat @ S with S = blockdiag_k(I ⊗ Σ_k(φ_k))/σ² (columns level-major per term)."""
-    s2 = phi[-1]
-    out, start, off = [], 0, 0
-    for s, l in zip(layout.structures, layout.n_levels):
-        q, m = s.q, s.n_natural
-        Sk = s.cov_from_natural(phi[off : off + m]) / s2
-        blk = Mat[..., start : start + l * q].reshape(Mat.shape[:-1] + (l, q)) @ Sk
-        out.append(blk.reshape(Mat.shape[:-1] + (l * q,)))
-        start += l * q
-        off += m
-    return jnp.concatenate(out, axis=-1)
-
-
-def _kr_pieces(phi, dense, layout: Layout, lapack: bool = True):
-    """M(φ) = XᵀV⁻¹X and log|V| + log|M| from the q × q cross-products.
-
-    V = σ²(I + ZSZᵀ) with S = D/σ²; push-through: (I + ZSZᵀ)⁻¹ = I − ZS(I + ZᵀZS)⁻¹Zᵀ,
-    so with B = I + ZᵀZS:  M = σ⁻²(XᵀX − (SZᵀX)ᵀ B⁻¹ ZᵀX),  log|V| = n log σ² + log|B|.
-    """
-    ZtZ, ZtX, XX, n = dense["ZtZ"], dense["ZtX"], dense["XX"], dense["n"]
-    s2 = phi[-1]
-    B = jnp.eye(ZtZ.shape[0], dtype=ZtZ.dtype) + _right_apply_S(ZtZ, phi, layout)
-    SZtX = _right_apply_S(ZtX.T, phi, layout).T
-    if lapack:
-        BiZtX, logdet_b = jnp.linalg.solve(B, ZtX), jnp.linalg.slogdet(B)[1]
-    else:  # vmapped over many responses: no LAPACK calls (see _linalg.gauss_jordan)
-        BiZtX, logdet_b = gauss_jordan(B, ZtX)
-    M = (XX - SZtX.T @ BiZtX) / s2
-    M = 0.5 * (M + M.T)
-    logdet_m = jnp.linalg.slogdet(M)[1] if lapack else gauss_jordan(M, M[:, :0])[1]
-    return M, n * jnp.log(s2) + logdet_b + logdet_m
-
-
-def kr_second_order(phi, m_of, ld_of, s_of=None, m_lin=None, ld_lin=None):
-    """(M, P, HM, IE, R) at φ for Kenward-Roger, from ``m_of(φ) = XᵀV⁻¹X`` and
-    ``ld_of(φ) = log|V| + log|XᵀV⁻¹X|``.
-
-    When V is nonlinear in φ, ``s_of`` maps φ to coordinates s in which V *is* linear
-    (entries of each Σ_k, σ², …) and ``m_lin``/``ld_lin`` are m/ld as functions of s.
-    With V_ij = Σ_a (∂²s_a/∂φ_i∂φ_j) ∂V/∂s_a:
-
-        R_ij = XᵀV⁻¹V_ijV⁻¹X = −Σ_a (∂M/∂s_a) ∂²s_a/∂φ_i∂φ_j
-        I_E  = ½ tr(PV_iPV_j) = −½ ∂²ld/∂φ_i∂φ_j + ½ Σ_a (∂ld/∂s_a) ∂²s_a/∂φ_i∂φ_j
-
-    (tr(P V_ij) is ∂ld/∂s contracted with ∂²s).  Without ``s_of``, R = 0."""
-    M = m_of(phi)
-    P = jax.jacfwd(m_of)(phi)
-    HM = jax.jacfwd(jax.jacfwd(m_of))(phi)
-    IE = -0.5 * jax.hessian(ld_of)(phi)
-    if s_of is None:
-        return M, P, HM, IE, jnp.zeros_like(HM)
-    s = s_of(phi)
-    sec = jax.hessian(s_of)(phi)                       # (n_s, k, k)
-    R = -jnp.einsum("abs,sij->abij", jax.jacfwd(m_lin)(s), sec)
-    IE = IE + 0.5 * jnp.einsum("s,sij->ij", jax.grad(ld_lin)(s), sec)
-    return M, P, HM, IE, R
-
-
-def linear_coordinates(layout: Layout):
-    """For a layout with nonlinear structures (cs, ar1): the map φ → s (each Σ_k's
-    lower triangle, then σ²) and the all-unstructured layout in which V is linear in s;
-    ``None`` when every structure is linear already."""
-    if all(getattr(s, "linear", True) for s in layout.structures):
-        return None
-    lin = Layout(tuple(Unstructured(s.q) for s in layout.structures), layout.n_levels)
-
-    def s_of(phi):
-        out, off = [], 0
-        for st, u in zip(layout.structures, lin.structures):
-            out.append(u.natural_from_cov(st.cov_from_natural(phi[off: off + st.n_natural])))
-            off += st.n_natural
-        return jnp.concatenate(out + [phi[-1:]])
-
-    return s_of, lin
-
-
-@partial(jax.jit, static_argnames=("layout",))
-def kr_derivatives(phi, dense, layout: Layout):
-    """(M, P, HM, IE, R): M = XᵀV⁻¹X, P_i = ∂M/∂φ_i (p,p,k), HM = ∂²M (p,p,k,k), the
-    expected REML information I_E (k, k) and the second-derivative terms R (p,p,k,k)."""
-    lin = linear_coordinates(layout)
-    m_of = lambda ph: _kr_pieces(ph, dense, layout)[0]  # noqa: E731
-    ld_of = lambda ph: _kr_pieces(ph, dense, layout)[1]  # noqa: E731
-    if lin is None:
-        return kr_second_order(phi, m_of, ld_of)
-    s_of, lay = lin
-    return kr_second_order(phi, m_of, ld_of, s_of,
-                           lambda s: _kr_pieces(s, dense, lay)[0], lambda s: _kr_pieces(s, dense, lay)[1])
-
-
 def kr_adjusted(M, P, HM, IE, R=None):
     """Φ, Φ_A (pbkrtest's ``vcovAdj``; with K&R's −¼R_ij terms when ``R`` is given), W,
     and P (as (…, k, p, p)) as numpy arrays; every input may carry leading batch axes.
@@ -457,7 +362,8 @@ class InferenceMixin:
             phi = natural_parameters(self._Ts, self.sigma, self.layout, self.theta)
             with precision("float64"):
                 dense = to_device(dense_crossproducts(self.stats, self.layout), np.float64)
-                out = _export.call(kr_derivatives, jax.device_put(phi), dense, layout=self.layout)
+                Ts = [jax.device_put(np.asarray(T, np.float64)) for T in self._Ts]
+                out = _export.call(kr_structured, Ts, jax.device_put(phi), dense, layout=self.layout)
                 # materialize inside the context: dispatch is asynchronous, and the
                 # one-thread BLAS limit must still hold while the program runs
                 c["kr"] = kr_adjusted(*jax.device_get(out))
