@@ -108,9 +108,31 @@ def precision(dtype="float64"):
     """
     if dtype not in ("float64", "float32", np.float64, np.float32):
         raise ValueError(f"dtype must be 'float64' or 'float32', got {dtype!r}")
-    with jax.enable_x64(np.dtype(dtype) == np.float64), _blas_controller().limit(limits=1, user_api="blas"), \
-            cpu_bound():
+    with jax.enable_x64(np.dtype(dtype) == np.float64), _one_blas_thread(), cpu_bound():
         yield np.dtype(dtype)
+
+
+_BLAS_LIBS: list = []
+
+
+@contextmanager
+def _one_blas_thread():
+    """BLAS limited to one thread, restored on exit (threadpoolctl's libraries, found once:
+    a ``limit()`` call re-scans the loaded libraries, ~0.3 ms, more than a small fit's
+    program)."""
+    if not _BLAS_LIBS:
+        _BLAS_LIBS.append([lc for lc in _blas_controller().select(user_api="blas").lib_controllers])
+    libs = _BLAS_LIBS[0]
+    before = [lc.get_num_threads() for lc in libs]
+    for lc, n in zip(libs, before):
+        if n != 1:
+            lc.set_num_threads(1)
+    try:
+        yield
+    finally:
+        for lc, n in zip(libs, before):
+            if n != 1:
+                lc.set_num_threads(n)
 
 
 def to_device(stats: dict, dtype) -> dict:

@@ -56,7 +56,7 @@ def _key(fn, args, static: dict) -> str | None:
     """The program's key, or None when a static argument has no stable text (an object
     printed with its address: a user's kernel class without a repr)."""
     leaves, tree = jax.tree.flatten(args)
-    sig = tuple((np.shape(x), str(x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype)) for x in leaves)
+    sig = tuple((np.shape(x), x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype) for x in leaves)
     try:
         memo = (fn, tree, sig, tuple(sorted(static.items())), _source_hash())
         hash(memo)
@@ -68,7 +68,8 @@ def _key(fn, args, static: dict) -> str | None:
     if " at 0x" in st:
         key = None
     else:
-        text = repr((getattr(fn, "__module__", ""), getattr(fn, "__qualname__", repr(fn)), str(tree), list(sig), st,
+        text = repr((getattr(fn, "__module__", ""), getattr(fn, "__qualname__", repr(fn)), str(tree),
+                     [(shape, str(dt)) for shape, dt in sig], st,
                      jax.__version__, jax.default_backend(), _source_hash()))
         key = hashlib.sha256(text.encode()).hexdigest()[:32]
     if memo is not None:

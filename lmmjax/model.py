@@ -191,7 +191,7 @@ def _prepare(formula, data, structures, weights) -> _Prepared:
                  and isinstance(data, pd.DataFrame) and isinstance(formula, str) and len(data) <= PREPARED_MAX_ROWS)
     if not cacheable:
         return _build_prepared(formula, data, structures, weights)
-    key = (formula, id(data), weights)
+    key = (formula, id(data), weights, _settings())
     hit = _PREPARED.get(key)
     if hit is not None:
         ref, index, columns, prep = hit
@@ -209,6 +209,15 @@ def _prepare(formula, data, structures, weights) -> _Prepared:
     while len(_PREPARED) > PREPARED_MAX:
         _PREPARED.popitem(last=False)
     return prep
+
+
+def _settings() -> tuple:
+    """The module settings a prepared design depends on (the sparse/dense choice, the
+    scaling threshold, the bucketed engine's eligibility): part of the cache key."""
+    from . import design, scaling
+
+    return (design.SPARSE_MIN_ENTRIES, design.SPARSE_DENSITY, design.TEXT_CODES_MAX, scaling.FAR,
+            bucketed.SMALL_QR_MAX)
 
 
 def _same_columns(data, index, columns) -> bool:

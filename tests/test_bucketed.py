@@ -53,7 +53,7 @@ def test_padding_changes_nothing(formula):
     layout = design.layout
     assert bucketed.eligible(stats, layout)
     k = layout.n_theta
-    kb = bucketed.bucket(k, bucketed.K_MIN)
+    kb = bucketed.theta_bucket(k)
     rng = np.random.default_rng(5)
     with precision("float64"):
         S = jax.device_put(bucketed.bucket_stats(stats, layout))
