@@ -52,6 +52,9 @@ __all__ = ["bucket", "eligible", "bucket_stats", "factorize", "crit", "evaluate"
 SMALL_QR_MAX = 32
 #: the smallest θ bucket beyond :func:`theta_bucket`'s small ones
 K_MIN = 4
+#: the smallest first-term levels bucket: designs of up to 32 groups share their programs
+#: (padding levels costs a small program next to nothing; each bucket is a compilation)
+L1_MIN = 32
 #: the smallest fixed-effects bucket: p ≤ 2 (an intercept and one covariate) and p = 3, 4
 #: are two buckets, both factorized without LAPACK (vmappable, :func:`_lapack_free`); the
 #: 2 × 2 programs compile ~2 s faster than the unrolled 4 × 4 ones
@@ -97,7 +100,7 @@ def bucket_stats(stats: dict, layout: Layout) -> dict:
     """The design's statistics padded to its bucket, with the Λ templates (host arrays)."""
     l1, q1 = layout.n_levels[0], layout.q[0]
     p, k, qr = np.asarray(stats["XX"]).shape[0], layout.n_theta, layout.q_rest
-    l1b, pb, kb = bucket(l1, 8), bucket(p, P_MIN), theta_bucket(k)
+    l1b, pb, kb = bucket(l1, L1_MIN), bucket(p, P_MIN), theta_bucket(k)
     XX = np.eye(pb)
     XX[:p, :p] = stats["XX"]
     S = dict(D1=_pad(stats["D1"], (l1b, q1, q1)), Z1X=_pad(stats["Z1X"], (l1b, q1, pb)),
