@@ -55,10 +55,11 @@ K_MIN = 4
 #: the smallest first-term levels bucket: designs of up to 32 groups share their programs
 #: (padding levels costs a small program next to nothing; each bucket is a compilation)
 L1_MIN = 32
-#: the smallest fixed-effects bucket: p ≤ 2 (an intercept and one covariate) and p = 3, 4
-#: are two buckets, both factorized without LAPACK (vmappable, :func:`_lapack_free`); the
-#: 2 × 2 programs compile ~2 s faster than the unrolled 4 × 4 ones
-P_MIN = 2
+#: the smallest fixed-effects bucket: p ≤ 4 share one, factorized without LAPACK (the
+#: unrolled 4 × 4 Cholesky, :data:`lmmjax.likelihood.UNROLL_P`), so the derivative points
+#: are vmapped (:func:`_lapack_free`).  A separate p ≤ 2 bucket compiled ~2.5 s faster
+#: but doubled the buckets a stream of small designs meets (half of 20 designs compiled)
+P_MIN = 4
 
 
 def bucket(n: int, lo: int) -> int:
