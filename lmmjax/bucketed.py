@@ -10,9 +10,10 @@ JSS 67(1), sec. 2.2: θ fills fixed positions of a block-diagonal template), so
   (padded to q₁(q₁+1)/2 entries: us, diag and homdiag terms of one q₁ share a program);
 * the later terms' Λ_r (q_r × q_r, block diagonal) is a scatter too, applied as a dense
   matrix (or a vector when every later term is scalar);
-* every array is padded to a bucket (powers of two, :func:`bucket`) of ℓ₁ (first-term
-  levels), p (fixed effects), k (θ entries), q_r and the template lengths; n and the true
-  p are arrays (REML's n − p), not shapes.
+* every array is padded to a bucket (powers of two, :func:`bucket`: ℓ₁ from 32, p from 4;
+  k by :func:`theta_bucket`: 1, 3, then powers of two) of ℓ₁ (first-term levels), p (fixed
+  effects), k (θ entries), q_r and the template lengths; n and the true p are arrays
+  (REML's n − p), not shapes.
 
 Padding changes nothing, exactly: a padded first-term level has D₁ = 0, Z₁ᵀX = 0,
 Z₁ᵀy = 0, Z₁ᵀZ_r = 0, so its block of ΛᵀZᵀZΛ + I is I (log-determinant 0) and it meets
