@@ -8,7 +8,6 @@ import math
 import warnings
 
 import numpy as np
-import pandas as pd
 
 from ._dist import chi2_sf
 from .design import DataError
