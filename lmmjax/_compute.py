@@ -9,7 +9,7 @@ from contextlib import contextmanager
 import jax
 import numpy as np
 
-__all__ = ["precision", "to_device", "set_cpu_threads"]
+__all__ = ["precision", "to_device", "set_cpu_threads", "release_programs"]
 
 _BLAS = None
 
@@ -108,6 +108,7 @@ def precision(dtype="float64"):
     """
     if dtype not in ("float64", "float32", np.float64, np.float32):
         raise ValueError(f"dtype must be 'float64' or 'float32', got {dtype!r}")
+    bound_programs()
     with jax.enable_x64(np.dtype(dtype) == np.float64), _one_blas_thread(), cpu_bound():
         yield np.dtype(dtype)
 
@@ -140,3 +141,84 @@ def to_device(stats: dict, dtype) -> dict:
     Integer arrays (the index arrays of a sparse design) keep their integer type."""
     return {k: jax.device_put(v if np.issubdtype(np.asarray(v).dtype, np.integer) else np.asarray(v, dtype=dtype))
             for k, v in stats.items()}
+
+
+# -- a bound on the compiled programs a long process holds ----------------------------------
+
+#: XLA-CPU maps each compiled program's code into memory separately (~400–800 mappings and
+#: ~20 MB per program of the layout engine).  A process fitting ever new designs whose
+#: programs are compiled per layout used to reach the kernel's ``vm.max_map_count`` (65,530
+#: by default) after ~80 designs and abort ("LLVM ERROR: Unable to allocate section
+#: memory").  When the process holds more mappings than this share of the limit, lmmjax
+#: drops its own compiled programs (:func:`release_programs`; the next fit of a design
+#: reloads its program from the persistent cache, or compiles it).
+MAP_SHARE = 0.15
+#: the mappings are counted after every this many compilations
+CHECK_EVERY = 8
+_COMPILES = [0, 0]          # compilations seen, and at the last check
+_LISTENING: list = []
+
+
+def _on_event(event: str, duration: float, **kw) -> None:
+    if "backend_compile" in event:
+        _COMPILES[0] += 1
+
+
+def _listen() -> None:
+    if not _LISTENING:
+        jax.monitoring.register_event_duration_secs_listener(_on_event)
+        _LISTENING.append(True)
+
+
+def _map_count() -> int:
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            return f.read().count(b"\n")
+    except OSError:
+        return 0
+
+
+def _map_limit() -> int:
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 65530
+
+
+def bound_programs() -> bool:
+    """Release lmmjax's compiled programs when the process nears the memory-map limit
+    (:data:`MAP_SHARE`); checked every :data:`CHECK_EVERY` compilations, so a warm call
+    costs one comparison.  Returns whether it released them."""
+    _listen()
+    if _COMPILES[0] - _COMPILES[1] < CHECK_EVERY:
+        return False
+    _COMPILES[1] = _COMPILES[0]
+    if _map_count() <= MAP_SHARE * _map_limit():
+        return False
+    release_programs()
+    return True
+
+
+def release_programs() -> None:
+    """Drop every compiled program lmmjax's modules hold (the caches of their jitted
+    functions and the loaded exported programs); other JAX code's caches are untouched."""
+    import gc
+    import sys
+
+    from . import _export
+
+    for name, mod in list(sys.modules.items()):
+        if name == "lmmjax" or name.startswith("lmmjax."):
+            for v in list(vars(mod).values()):
+                clear = getattr(v, "clear_cache", None)
+                if callable(clear) and hasattr(v, "lower"):
+                    clear()
+    _export._LOADED.clear()
+    gc.collect()
+    try:        # hand the freed code and heap pages back to the OS (glibc; elsewhere a no-op)
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -42,6 +42,7 @@ import numpy as np
 from . import _export
 from ._linalg import UNROLL_MAX, chol_small, tril_inv_small
 from .likelihood import UNROLL_P, Layout, criterion, dense_rest, eliminate_first, finish_fixed, solve_from
+from .start import moment_theta
 
 __all__ = ["bucket", "eligible", "bucket_stats", "factorize", "crit", "evaluate", "solve", "fit"]
 
@@ -454,7 +455,7 @@ def _device_stats(stats: dict, layout: Layout, dtype):
     # host arrays: jit's dispatch moves them (cheaper than one device_put per array; on a
     # CPU the programs read them in place)
     S = {key: v if np.issubdtype(v.dtype, np.integer) else np.asarray(v, dtype) for key, v in host.items()}
-    out = S, theta_bucket(layout.n_theta), host["XX"].shape[0]
+    out = S, theta_bucket(layout.n_theta), host["XX"].shape[0], moment_theta(stats, layout)
     _PADDED.insert(0, (stats, layout, dtype, out))
     del _PADDED[4:]
     return out
@@ -464,7 +465,7 @@ def at_theta(stats: dict, layout: Layout, reml: bool, dtype, theta):
     """(OptimizeResult, sol, satt) at a given θ (no optimization; lmer's ``theta=``)."""
     from .optimize import OptimizeResult
 
-    S, kb, pb = _device_stats(stats, layout, dtype)
+    S, kb, pb, _ = _device_stats(stats, layout, dtype)
     k, p = layout.n_theta, int(np.asarray(stats["XX"]).shape[0])
     theta = layout.canonical(np.asarray(theta, float))
     t = jax.device_put(np.r_[theta, np.zeros(kb - k)].astype(dtype))
@@ -489,7 +490,7 @@ def fit(stats: dict, layout: Layout, reml: bool, dtype, theta0=None, maxiter: in
     format, ``satt`` = (∇²d, ∂M, M) at the optimum for Satterthwaite."""
     from .optimize import newton_minimize
 
-    S, kb, pb = _device_stats(stats, layout, dtype)
+    S, kb, pb, start = _device_stats(stats, layout, dtype)
     k, p = layout.n_theta, int(np.asarray(stats["XX"]).shape[0])
     keep = np.r_[np.arange(k), kb]          # θ, then σ
 
@@ -506,6 +507,8 @@ def fit(stats: dict, layout: Layout, reml: bool, dtype, theta0=None, maxiter: in
         return v if t.ndim == 2 else float(v[0])
 
     grid = np.resize(np.outer(START_SCALES, layout.init_theta()), (CRIT_ROWS, k))
+    if start is not None:
+        grid[len(START_SCALES)] = start        # the row np.resize filled with a repeat
 
     def inner(theta, free, left):
         use_grid = theta is None
@@ -531,5 +534,7 @@ def fit(stats: dict, layout: Layout, reml: bool, dtype, theta0=None, maxiter: in
 #: the criterion is evaluated at this many points per call (the start grid, the probes)
 CRIT_ROWS = 8
 
-#: the start grid: multiples of lme4's default θ (Newton starts from the best)
+#: the start grid: multiples of lme4's default θ, and in the last of the CRIT_ROWS rows the
+#: moment estimate (:func:`lmmjax.start.moment_theta`); Newton starts from the best
 START_SCALES = tuple(4.0 ** np.arange(-5, 2))
+assert len(START_SCALES) < CRIT_ROWS

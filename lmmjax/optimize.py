@@ -232,7 +232,7 @@ def _host_newton(crit_, vgh_, layout: Layout, theta, free, maxiter: int):
 
 def newton_minimize(crit, vgh, layout: Layout, theta0=None, maxiter: int = 100,
                     start_scales=SPARSE_START, label: str = "Newton", batched: bool = False,
-                    inner=None):
+                    inner=None, extra_start=None):
     """Damped Newton with an exact gradient and Hessian, for programs where one
     evaluation of both is cheap relative to many L-BFGS steps: the sparse path (big
     crossed factors, where lme4 needs 74 evaluations for InstEval) and the bucketed
@@ -249,7 +249,8 @@ def newton_minimize(crit, vgh, layout: Layout, theta0=None, maxiter: int = 100,
 
     ``inner(θ or None, free, maxiter) -> (θ, f, g, H, payload, iterations, n_vgh, n_crit)``
     replaces the host iterations (:func:`_host_newton`) by a compiled loop (``None``:
-    start from the grid); the boundary probes and the report stay here.
+    start from the grid); the boundary probes and the report stay here.  ``extra_start``:
+    one more grid point (:func:`lmmjax.start.moment_theta`).
     Returns (OptimizeResult, payload)."""
     n_crit = n_vgh = 0
 
@@ -285,8 +286,8 @@ def newton_minimize(crit, vgh, layout: Layout, theta0=None, maxiter: int = 100,
             return np.asarray(theta, float), float(f), np.asarray(g, float), np.asarray(H, float), it_
         if theta is None:
             base = layout.init_theta()
-            vals = crit_rows([c * base for c in start_scales])
-            theta = start_scales[int(np.nanargmin(vals))] * base
+            cands = [c * base for c in start_scales] + ([np.asarray(extra_start, float)] if extra_start is not None else [])
+            theta = cands[int(np.nanargmin(crit_rows(cands)))]
         return _host_newton(crit_, vgh_, layout, np.asarray(theta, float), free, left)
 
     payload = None
@@ -357,9 +358,11 @@ def convergence_report(f, g, H, theta, free) -> tuple[float, bool, bool, str]:
     return gmax, hpd, hpd and small, "; ".join(msgs)
 
 
-def minimize_sparse(stats, layout: Layout, reml: bool, theta0=None, maxiter: int = 100) -> OptimizeResult:
+def minimize_sparse(stats, layout: Layout, reml: bool, theta0=None, maxiter: int = 100,
+                    extra_start=None) -> OptimizeResult:
     """:func:`newton_minimize` on the sparse path's criterion and
-    :func:`~lmmjax.likelihood.sparse_value_grad_hess` (exact gradient and Hessian)."""
+    :func:`~lmmjax.likelihood.sparse_value_grad_hess` (exact gradient and Hessian), from
+    ``theta0`` or the best of its start grid and ``extra_start``."""
     dtype = stats["XX"].dtype
 
     def crit(t):
@@ -369,17 +372,19 @@ def minimize_sparse(stats, layout: Layout, reml: bool, theta0=None, maxiter: int
         f, g, H = jax.device_get(sparse_value_grad_hess(jax.device_put(np.asarray(t, dtype)), stats, layout, reml))
         return f, g, H, None
 
-    return newton_minimize(crit, vgh, layout, theta0, maxiter, SPARSE_START, "sparse Newton")[0]
+    return newton_minimize(crit, vgh, layout, theta0, maxiter, SPARSE_START, "sparse Newton",
+                           extra_start=extra_start)[0]
 
 
 def minimize_theta(stats, layout: Layout, reml: bool, theta0=None, maxiter: int = 1000,
-                   gtol: float = 1e-6) -> OptimizeResult:
-    """Minimize the profiled REML/ML criterion; see the module docstring."""
+                   gtol: float = 1e-6, extra_start=None) -> OptimizeResult:
+    """Minimize the profiled REML/ML criterion; see the module docstring.  ``extra_start``
+    (a moment estimate, :mod:`lmmjax.start`) joins the sparse Newton's start grid."""
     theta = layout.init_theta() if theta0 is None else np.asarray(theta0, float)
     if theta.shape != (layout.n_theta,):
         raise ValueError(f"start must have {layout.n_theta} entries (lme4's θ order), got shape {theta.shape}")
     if "tr_j" in stats and layout.q_rest:
-        return minimize_sparse(stats, layout, reml, theta0, maxiter=min(maxiter, 100))
+        return minimize_sparse(stats, layout, reml, theta0, maxiter=min(maxiter, 100), extra_start=extra_start)
     bidx = layout.boundary()
     nprobe = len(PROBE_STEPS) + 1
     iters = evals = 0

@@ -15,7 +15,7 @@ LEVELS = {
         "residual", "datasets"],
     1: ["covariance"],
     2: ["likelihood"],
-    3: ["design", "contrasts", "responses", "checkpoint", "kenward_roger"],
+    3: ["design", "contrasts", "responses", "checkpoint", "kenward_roger", "start"],
     4: ["optimize", "bucketed", "batchfit"],                                # optimizers
     5: ["engine"],                                                          # the fit's entry point
     6: ["inference", "confint", "effectsize", "emmeans", "plots", "varpart"],  # on a fitted model
