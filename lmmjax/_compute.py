@@ -149,10 +149,11 @@ def to_device(stats: dict, dtype) -> dict:
 #: ~20 MB per program of the layout engine).  A process fitting ever new designs whose
 #: programs are compiled per layout used to reach the kernel's ``vm.max_map_count`` (65,530
 #: by default) after ~80 designs and abort ("LLVM ERROR: Unable to allocate section
-#: memory").  When the process holds more mappings than this share of the limit, lmmjax
-#: drops its own compiled programs (:func:`release_programs`; the next fit of a design
-#: reloads its program from the persistent cache, or compiles it).
-MAP_SHARE = 0.15
+#: memory").  The exported programs are bounded by :data:`lmmjax._export.MAX_LOADED`; the
+#: rest (calls without the persistent cache) by this: when the process holds more mappings
+#: than this share of the limit, lmmjax drops all its compiled programs
+#: (:func:`release_programs`; the next fit of a design reloads or recompiles its program).
+MAP_SHARE = 0.25
 #: the mappings are counted after every this many compilations
 CHECK_EVERY = 8
 _COMPILES = [0, 0]          # compilations seen, and at the last check

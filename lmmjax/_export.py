@@ -16,6 +16,7 @@ the ordinary jitted call; nothing here changes a number.
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import os
 import pathlib
@@ -27,7 +28,12 @@ import numpy as np
 __all__ = ["call"]
 
 _LOCK = threading.Lock()
-_LOADED: dict = {}          # key -> jitted call of the deserialized program (or None: use fn)
+_LOADED: "collections.OrderedDict" = collections.OrderedDict()   # key -> jitted call of the
+#                             deserialized program (or None: use fn), least recently used first
+#: programs kept loaded; the least recently used beyond are dropped (XLA-CPU maps each
+#: program's code separately, ~400–800 memory mappings and ~20 MB: a process fitting ever
+#: new designs must not keep them all; a dropped program reloads from the persistent cache)
+MAX_LOADED = 12
 _KEYS: dict = {}            # (fn, tree, shapes and dtypes, static) -> key (a warm call hashes nothing)
 
 
@@ -112,4 +118,11 @@ def call(fn, *args, **static):
             except Exception:       # unsupported by export, or a damaged file: the ordinary path
                 prog = None
             _LOADED[key] = prog
+            while len(_LOADED) > MAX_LOADED:
+                _LOADED.popitem(last=False)
+    elif next(reversed(_LOADED)) != key:
+        try:
+            _LOADED.move_to_end(key)
+        except KeyError:            # dropped by another thread meanwhile
+            pass
     return fn(*args, **static) if prog is None else prog(*args)

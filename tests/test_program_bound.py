@@ -47,3 +47,20 @@ def test_the_map_count_is_read():
 
     if sys.platform.startswith("linux"):
         assert _compute._map_count() > 10 and _compute._map_limit() > 1000
+
+
+def test_loaded_programs_are_bounded(monkeypatch, tmp_path):
+    """At most MAX_LOADED exported programs stay loaded, the least recently used dropped."""
+    import jax
+
+    monkeypatch.setattr(_export, "MAX_LOADED", 2)
+    monkeypatch.setattr(_export, "_cache_dir", lambda: tmp_path)
+    monkeypatch.setattr(_export, "_LOADED", type(_export._LOADED)())
+    add = jax.jit(lambda x: x + 1.0)
+    for n in (1, 2, 3):                               # three signatures: three programs
+        np.testing.assert_allclose(_export.call(add, np.zeros(n)), np.ones(n))
+    assert len(_export._LOADED) == 2
+    first = next(iter(_export._LOADED))
+    _export.call(add, np.zeros(2))                    # a hit moves its program to the end
+    assert next(iter(_export._LOADED)) != first and len(_export._LOADED) == 2
+    assert len(list(tmp_path.glob("*.jaxexport"))) == 3     # dropped programs stay on disk
