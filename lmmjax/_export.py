@@ -25,7 +25,7 @@ import threading
 import jax
 import numpy as np
 
-__all__ = ["call"]
+__all__ = ["call", "bind"]
 
 _LOCK = threading.Lock()
 _LOADED: "collections.OrderedDict" = collections.OrderedDict()   # key -> jitted call of the
@@ -126,3 +126,32 @@ def call(fn, *args, **static):
         except KeyError:            # dropped by another thread meanwhile
             pass
     return fn(*args, **static) if prog is None else prog(*args)
+
+
+def bind(fn, **static):
+    """:func:`call`'s signature work (array conversion, the key) done once: a callable
+    ``run(*args)`` for arguments that keep the signature (tree, shapes, dtypes) of its
+    first call (a warm small fit dispatches its program through one, ~0.1 ms less per call).  The cache folder and the
+    program are still looked up per call, so turning the cache off or on and the loaded
+    programs' bound (:data:`MAX_LOADED`) hold as for :func:`call`."""
+    keys = []
+
+    def run(*a):
+        if _cache_dir() is None:
+            return fn(*a, **static)
+        if not keys:
+            keys.append(_key(fn, tuple(jax.tree.map(_as_array, a)), static))
+        key = keys[0]
+        prog = False if key is None else _LOADED.get(key, False)
+        if prog is False:
+            return call(fn, *a, **static)
+        if next(reversed(_LOADED)) != key:
+            try:
+                _LOADED.move_to_end(key)
+            except KeyError:
+                pass
+        if prog is None:
+            return fn(*a, **static)
+        return prog(*(x if isinstance(x, (dict, jax.Array, np.ndarray)) else np.asarray(x) for x in a))
+
+    return run

@@ -6,6 +6,7 @@ Everything here is numpy/pandas post-processing of one call to
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -38,8 +39,8 @@ class LmerResult(InferenceMixin):
         self.theta = np.asarray(opt.theta, dtype=float)
         self.nobs = design.n
         self.sigma = float(np.sqrt(sol["sigma2"]))
-        self.fixef = pd.Series(np.asarray(sol["beta"], float), index=design.xnames, name="estimate")
-        self.vcov = pd.DataFrame(np.asarray(sol["vcov"], float), index=design.xnames, columns=design.xnames)
+        self._beta = np.asarray(sol["beta"], float)
+        self._vcov = np.asarray(sol["vcov"], float)
         crit = float(sol["criterion"])
         self.loglik = -0.5 * crit
         self.reml_criterion = crit if self.reml else float("nan")
@@ -57,6 +58,16 @@ class LmerResult(InferenceMixin):
         self._b = [u @ T.T for u, T in zip(self._u, self._Ts)]  # b = Λu, per term (levels, q)
 
     # ------------------------------------------------------------ basics
+    @functools.cached_property
+    def fixef(self) -> pd.Series:
+        """The fixed-effect estimates β̂ (lme4's ``fixef``), named by X's columns."""
+        return pd.Series(self._beta, index=self.design.xnames, name="estimate")
+
+    @functools.cached_property
+    def vcov(self) -> pd.DataFrame:
+        """Var(β̂) = σ̂²(XᵀV⁻¹X)⁻¹ at θ̂ (lme4's ``vcov``)."""
+        return pd.DataFrame(self._vcov, index=self.design.xnames, columns=self.design.xnames)
+
     @property
     def ngroups(self) -> dict:
         """Number of levels per grouping factor (lme4's ``ngrps``)."""

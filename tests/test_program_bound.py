@@ -64,3 +64,19 @@ def test_loaded_programs_are_bounded(monkeypatch, tmp_path):
     _export.call(add, np.zeros(2))                    # a hit moves its program to the end
     assert next(iter(_export._LOADED)) != first and len(_export._LOADED) == 2
     assert len(list(tmp_path.glob("*.jaxexport"))) == 3     # dropped programs stay on disk
+
+
+def test_bound_call_equals_call_and_follows_the_cache_switch(monkeypatch, tmp_path):
+    import jax
+
+    add = jax.jit(lambda x, y: x * y["a"])
+    run = _export.bind(add)
+    args = (np.arange(3.0), {"a": np.float64(2.0)})
+    monkeypatch.setattr(_export, "_cache_dir", lambda: None)
+    np.testing.assert_allclose(run(*args), 2 * np.arange(3.0))       # no cache: the jitted call
+    assert not list(tmp_path.glob("*.jaxexport"))
+    monkeypatch.setattr(_export, "_cache_dir", lambda: tmp_path)
+    monkeypatch.setattr(_export, "_LOADED", type(_export._LOADED)())
+    np.testing.assert_allclose(run(*args), 2 * np.arange(3.0))       # cache on: exported and loaded
+    assert len(list(tmp_path.glob("*.jaxexport"))) == 1 and len(_export._LOADED) == 1
+    np.testing.assert_allclose(run(np.ones(3), {"a": np.float64(5.0)}), 5 * np.ones(3))
