@@ -482,9 +482,8 @@ def _device_stats(stats: dict, layout: Layout, dtype):
         if st is stats and lay == layout and dt == dtype:
             return out
     host = bucket_stats(stats, layout)
-    # host arrays: jit's dispatch moves them (cheaper than one device_put per array; on a
-    # CPU the programs read them in place)
-    S = {key: v if np.issubdtype(v.dtype, np.integer) else np.asarray(v, dtype) for key, v in host.items()}
+    # on the device once per prepared design (a refit's dispatch then moves nothing)
+    S = jax.device_put({key: v if np.issubdtype(v.dtype, np.integer) else np.asarray(v, dtype) for key, v in host.items()})
     # the last entry: programs bound to these statistics (:func:`lmmjax._export.bind`)
     out = S, theta_bucket(layout.n_theta), host["XX"].shape[0], moment_theta(stats, layout), {}
     _PADDED.insert(0, (stats, layout, dtype, out))

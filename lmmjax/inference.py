@@ -340,13 +340,17 @@ class InferenceMixin:
 
     def set_satterthwaite(self, H, dM, M):
         """Store the Satterthwaite derivatives an engine computed with the fit: H = ∇²d over
-        (θ, σ), ∂M/∂(θ, σ) and M = XᵀV⁻¹Xσ² at the optimum (so no program runs later)."""
-        J = satterthwaite_jacobian(np.asarray(dM, float), np.asarray(M, float), self.sigma)
-        H = np.asarray(H, float)
-        self._inference_cache()["satt"] = (self.vcov.to_numpy(), J, vcov_varpar(H), H)
+        (θ, σ), ∂M/∂(θ, σ) and M = XᵀV⁻¹Xσ² at the optimum (so no program runs later;
+        the Jacobian and Var(θ, σ) are formed on first use: a fit need not pay for them)."""
+        self._inference_cache()["satt_raw"] = (H, dM, M)
 
     def _satterthwaite(self):
         c = self._inference_cache()
+        if "satt" not in c and "satt_raw" in c:
+            H, dM, M = c["satt_raw"]
+            J = satterthwaite_jacobian(np.asarray(dM, float), np.asarray(M, float), self.sigma)
+            H = np.asarray(H, float)
+            c["satt"] = (self.vcov.to_numpy(), J, vcov_varpar(H), H)
         if "satt" not in c:
             with precision("float64"):
                 vp = jax.device_put(np.r_[self.theta, self.sigma].astype(np.float64))
