@@ -151,9 +151,10 @@ def to_device(stats: dict, dtype) -> dict:
 #: by default) after ~80 designs and abort ("LLVM ERROR: Unable to allocate section
 #: memory").  The exported programs are bounded by :data:`lmmjax._export.MAX_LOADED`; the
 #: rest (calls without the persistent cache) by this: when the process holds more mappings
-#: than this share of the limit, lmmjax drops all its compiled programs
-#: (:func:`release_programs`; the next fit of a design reloads or recompiles its program).
-MAP_SHARE = 0.25
+#: than this share of the limit (32 loaded programs hold ~18,000), lmmjax drops all its
+#: compiled programs (:func:`release_programs`; the next fit of a design reloads or
+#: recompiles its program).
+MAP_SHARE = 0.4
 #: the mappings are counted after every this many compilations
 CHECK_EVERY = 8
 _COMPILES = [0, 0]          # compilations seen, and at the last check

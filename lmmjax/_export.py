@@ -31,9 +31,11 @@ _LOCK = threading.Lock()
 _LOADED: "collections.OrderedDict" = collections.OrderedDict()   # key -> jitted call of the
 #                             deserialized program (or None: use fn), least recently used first
 #: programs kept loaded; the least recently used beyond are dropped (XLA-CPU maps each
-#: program's code separately, ~400–800 memory mappings and ~20 MB: a process fitting ever
-#: new designs must not keep them all; a dropped program reloads from the persistent cache)
-MAX_LOADED = 12
+#: program's code separately, ~400–800 memory mappings and ~10–20 MB: a process fitting ever
+#: new designs must not keep them all; a dropped program reloads from the persistent cache).
+#: 300 random small designs in one process (benchmarks/robustness.py's): 32 → 98 programs
+#: loaded in all, 20 s of loading, ~970 MB resident at the end; 12 → 293, 52 s, ~650 MB
+MAX_LOADED = 32
 _KEYS: dict = {}            # (fn, tree, shapes and dtypes, static) -> key (a warm call hashes nothing)
 
 

@@ -49,9 +49,12 @@ __all__ = ["bucket", "eligible", "bucket_stats", "factorize", "crit", "evaluate"
 #: designs whose later terms have at most this many random effects (bucketed) use this engine;
 #: beyond, its evaluation (2k + 1 forward-mode passes through the dense later block) costs
 #: more than the layout engine's L-BFGS: warm, 60 × 40 crossed (1 + c1 + c2 | subj) +
-#: (1 + c1 | item) (q_r = 80) 8.8 s vs 0.16 s, (1 | subj) + (1 + c1 | item) 0.61 s vs 0.054 s,
-#: nested (1 | g/h) with 60 g's 0.18 s vs 0.043 s (both compile ~6 s for a first design)
-SMALL_QR_MAX = 32
+#: (1 + c1 | item) (q_r = 80) 8.8 s vs 0.16 s, (1 | subj) + (1 + c1 | item) 0.61 s vs 0.054 s.
+#: Up to 64 the bucketed fit is slower warm but compiles nothing for a new design: (x || g)
+#: and (1 | g/h) with 38–53 later levels, warm 0.02–0.05 s vs 0.006–0.014 s, but a first fit
+#: of each new design 0.03–0.06 s vs 0.6–0.8 s (the layout engine's program per layout, even
+#: from the persistent cache; seconds without it)
+SMALL_QR_MAX = 64
 #: the smallest θ bucket beyond :func:`theta_bucket`'s small ones
 K_MIN = 4
 #: the smallest first-term levels bucket: designs of up to 32 groups share their programs

@@ -75,12 +75,13 @@ def test_padding_changes_nothing(formula):
                 assert float(ev["f"]) == pytest.approx(ref, rel=1e-12)
 
 
-@pytest.mark.parametrize("formula", FORMULAS[:3])
-def test_fit_and_satterthwaite_match_layout_engine(formula):
+@pytest.mark.parametrize("formula,n_g", [(f, 13) for f in FORMULAS[:3]] + [("y ~ x + (x || g)", 49)])
+def test_fit_and_satterthwaite_match_layout_engine(formula, n_g):
     """The bucketed fit reaches the layout engine's optimum, and its Satterthwaite
     derivatives (from the fit's last evaluation) equal the exact forward-over-reverse
-    program of lmmjax.inference at that point."""
-    df = _data(2)
+    program of lmmjax.inference at that point (49 groups: a later-terms block of 49,
+    bucket 64 = SMALL_QR_MAX)."""
+    df = _data(2, n_g=n_g)
     m = lmmjax.lmer(formula, df)
     assert m.optinfo.message.startswith("converged (Newton")
     design, stats = _setup(formula, df)
