@@ -3,7 +3,7 @@ r"""A starting θ from the design's statistics by the method of moments.
 The optimizers start from a small grid of multiples of lme4's default θ (1 on template
 diagonals) and keep the best point.  A moment estimate of each term's covariance is one
 more grid point, usually close to the optimum: Newton then needs about half the
-evaluations (sleepstudy 11 → 4, InstEval 8 → 4 gradient+Hessian evaluations).  Only a
+evaluations (sleepstudy 11 → 5, InstEval 8 → 5 gradient+Hessian evaluations).  Only a
 start: the grid still competes, so a poor estimate costs one criterion evaluation.
 
 From the cross-product statistics alone (dense or sparse, :mod:`lmmjax.design`): with the
