@@ -122,20 +122,27 @@ def call(fn, *args, **static):
             _LOADED[key] = prog
             while len(_LOADED) > MAX_LOADED:
                 _LOADED.popitem(last=False)
-    elif next(reversed(_LOADED)) != key:
+    else:
+        _touch(key)
+    return fn(*args, **static) if prog is None else prog(*args)
+
+
+def _touch(key) -> None:
+    """Mark a loaded program most recently used."""
+    if next(reversed(_LOADED)) != key:
         try:
             _LOADED.move_to_end(key)
         except KeyError:            # dropped by another thread meanwhile
             pass
-    return fn(*args, **static) if prog is None else prog(*args)
 
 
 def bind(fn, **static):
     """:func:`call`'s signature work (array conversion, the key) done once: a callable
     ``run(*args)`` for arguments that keep the signature (tree, shapes, dtypes) of its
-    first call (a warm small fit dispatches its program through one, ~0.1 ms less per call).  The cache folder and the
-    program are still looked up per call, so turning the cache off or on and the loaded
-    programs' bound (:data:`MAX_LOADED`) hold as for :func:`call`."""
+    first call (a warm small fit dispatches its program through one, ~0.1 ms less per
+    call).  The cache folder and the program are still looked up per call, so turning the
+    cache off or on and the loaded programs' bound (:data:`MAX_LOADED`) hold as for
+    :func:`call`."""
     keys = []
 
     def run(*a):
@@ -147,11 +154,7 @@ def bind(fn, **static):
         prog = False if key is None else _LOADED.get(key, False)
         if prog is False:
             return call(fn, *a, **static)
-        if next(reversed(_LOADED)) != key:
-            try:
-                _LOADED.move_to_end(key)
-            except KeyError:
-                pass
+        _touch(key)
         if prog is None:
             return fn(*a, **static)
         return prog(*(x if isinstance(x, (dict, jax.Array, np.ndarray)) else np.asarray(x) for x in a))

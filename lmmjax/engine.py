@@ -20,7 +20,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from . import bucketed
+from . import _export, bucketed
 from ._compute import precision, to_device
 from .likelihood import Layout, solve
 from .optimize import evaluate_theta, minimize_theta
@@ -50,5 +50,5 @@ def fit_stats(stats: dict, layout: Layout, reml: bool, dtype="float64", *, theta
                                extra_start=moment_theta(stats, layout) if sparse else None)
         else:
             o = evaluate_theta(dev_stats, layout, reml, theta)
-        s_ = solve(jax.device_put(np.asarray(o.theta, dt)), dev_stats, layout, reml)
+        s_ = _export.call(solve, np.asarray(o.theta, dt), dev_stats, layout=layout, reml=reml)
         return o, jax.tree.map(np.asarray, s_), None

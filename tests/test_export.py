@@ -101,3 +101,33 @@ def test_exported_kr_profile_and_layout_engine(export_dir, monkeypatch):
         np.testing.assert_allclose(got[1].to_numpy(float), ref[1].to_numpy(float), rtol=1e-7)
         np.testing.assert_allclose(got[2], ref[2], rtol=1e-12)
         np.testing.assert_allclose(got[3], ref[3], rtol=1e-6, atol=1e-8)
+
+
+def test_sparse_path_through_exported_programs(export_dir, monkeypatch):
+    """The sparse Newton's programs (criterion, exact gradient+Hessian, solve) served from
+    exported files give the jitted fit's numbers (1e-10), and a reload exports nothing."""
+    import pandas as pd
+
+    from lmmjax import design as design_mod
+
+    monkeypatch.setattr(design_mod, "SPARSE_MIN_ENTRIES", 0)
+    monkeypatch.setattr(design_mod, "SPARSE_DENSITY", 1.0)
+    rng = np.random.default_rng(4)
+    a, b = rng.integers(0, 150, 1500), rng.integers(0, 40, 1500)
+    df = pd.DataFrame(dict(a=a.astype(str), b=b.astype(str), x=rng.normal(size=1500)))
+    df["y"] = df.x + rng.normal(size=150)[a] + 0.7 * rng.normal(size=40)[b] + rng.normal(size=1500)
+    f = "y ~ x + (1 | a) + (1 | b)"
+    with monkeypatch.context() as mp:
+        mp.setattr(_export, "_cache_dir", lambda: None)
+        direct = lmmjax.lmer(f, df)
+    assert "tr_j" in direct.stats
+    first = lmmjax.lmer(f, df)
+    files = sorted(export_dir.glob("*.jaxexport"))
+    assert len(files) >= 3, files                    # criterion, gradient+Hessian, solve
+    assert abs(first.reml_criterion - direct.reml_criterion) <= 1e-10 * abs(direct.reml_criterion)
+    np.testing.assert_allclose(first.theta, direct.theta, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(first.fixef, direct.fixef, rtol=1e-9)
+    _export._LOADED.clear()
+    monkeypatch.setattr(jax.export, "export", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-exported")))
+    again = lmmjax.lmer(f, df)
+    assert abs(again.reml_criterion - direct.reml_criterion) <= 1e-10 * abs(direct.reml_criterion)
