@@ -487,8 +487,9 @@ def _device_stats(stats: dict, layout: Layout, dtype):
     host = bucket_stats(stats, layout)
     # on the device once per prepared design (a refit's dispatch then moves nothing)
     S = jax.device_put({key: v if np.issubdtype(v.dtype, np.integer) else np.asarray(v, dtype) for key, v in host.items()})
-    # the last entry: programs bound to these statistics (:func:`lmmjax._export.bind`)
-    out = S, theta_bucket(layout.n_theta), host["XX"].shape[0], moment_theta(stats, layout), {}
+    # the last entry: per-design memo (programs bound to these statistics,
+    # :func:`lmmjax._export.bind`; the moment start, formed when a fit needs it)
+    out = S, theta_bucket(layout.n_theta), host["XX"].shape[0], {}
     _PADDED.insert(0, (stats, layout, dtype, out))
     del _PADDED[4:]
     return out
@@ -498,7 +499,7 @@ def at_theta(stats: dict, layout: Layout, reml: bool, dtype, theta):
     """(OptimizeResult, sol, satt) at a given θ (no optimization; lmer's ``theta=``)."""
     from .optimize import OptimizeResult
 
-    S, kb, pb, _, _ = _device_stats(stats, layout, dtype)
+    S, kb, pb, _ = _device_stats(stats, layout, dtype)
     k, p = layout.n_theta, int(np.asarray(stats["XX"]).shape[0])
     theta = layout.canonical(np.asarray(theta, float))
     t = jax.device_put(np.r_[theta, np.zeros(kb - k)].astype(dtype))
@@ -523,7 +524,7 @@ def fit(stats: dict, layout: Layout, reml: bool, dtype, theta0=None, maxiter: in
     format, ``satt`` = (∇²d, ∂M, M) at the optimum for Satterthwaite."""
     from .optimize import newton_minimize
 
-    S, kb, pb, start, bound = _device_stats(stats, layout, dtype)
+    S, kb, pb, memo = _device_stats(stats, layout, dtype)
     k, p = layout.n_theta, int(np.asarray(stats["XX"]).shape[0])
     keep = np.r_[np.arange(k), kb]          # θ, then σ
 
@@ -540,8 +541,11 @@ def fit(stats: dict, layout: Layout, reml: bool, dtype, theta0=None, maxiter: in
         return v if t.ndim == 2 else float(v[0])
 
     grid = np.resize(np.outer(START_SCALES, layout.init_theta()), (CRIT_ROWS, k))
-    if start is not None:
-        grid[len(START_SCALES)] = start        # the row np.resize filled with a repeat
+    if theta0 is None:          # (a refit from a given θ, e.g. a bootstrap draw, needs no start)
+        if "start" not in memo:
+            memo["start"] = moment_theta(stats, layout)
+        if memo["start"] is not None:
+            grid[len(START_SCALES)] = memo["start"]     # the row np.resize filled with a repeat
 
     def inner(theta, free, left):
         use_grid = theta is None
@@ -549,9 +553,9 @@ def fit(stats: dict, layout: Layout, reml: bool, dtype, theta0=None, maxiter: in
         fr = np.zeros(kb, bool)
         fr[:k] = free
         args = (pad(t0)[0], pad(grid), use_grid, fr, np.int32(left), S, reml)
-        if "newton" not in bound:
-            bound["newton"] = _export.bind(newton)
-        flat = np.asarray(bound["newton"](*args), float)
+        if "newton" not in memo:
+            memo["newton"] = _export.bind(newton)
+        flat = np.asarray(memo["newton"](*args), float)
         theta, packed, it, nv, nc, sol = _unpack_newton(flat, S, kb, pb)
         ev = _unpack(packed, kb, pb)
         satt = (ev["satt_H"][np.ix_(keep, keep)], ev["satt_dM"][:p, :p][..., keep], ev["satt_M"][:p, :p])

@@ -24,7 +24,6 @@ from . import _export, bucketed
 from ._compute import precision, to_device
 from .likelihood import Layout, solve
 from .optimize import evaluate_theta, minimize_theta
-from .start import moment_theta
 
 __all__ = ["fit_stats"]
 
@@ -45,9 +44,7 @@ def fit_stats(stats: dict, layout: Layout, reml: bool, dtype="float64", *, theta
             return o, s_, (sa if dt == np.float64 else None)
         dev_stats = to_device(stats, dt)
         if theta is None:
-            sparse = "tr_j" in stats and layout.q_rest and theta0 is None
-            o = minimize_theta(dev_stats, layout, reml, theta0=theta0, maxiter=maxiter,
-                               extra_start=moment_theta(stats, layout) if sparse else None)
+            o = minimize_theta(dev_stats, layout, reml, theta0=theta0, maxiter=maxiter)
         else:
             o = evaluate_theta(dev_stats, layout, reml, theta)
         s_ = _export.call(solve, np.asarray(o.theta, dt), dev_stats, layout=layout, reml=reml)

@@ -31,6 +31,7 @@ import numpy as np
 
 from . import _export
 from .likelihood import Layout, objective, sparse_value_grad_hess
+from .start import moment_theta
 
 __all__ = ["OptimizeResult", "minimize_theta", "evaluate_theta", "fit_program",
            "ConvergenceWarning", "SingularFitWarning", "is_singular"]
@@ -358,12 +359,13 @@ def convergence_report(f, g, H, theta, free) -> tuple[float, bool, bool, str]:
     return gmax, hpd, hpd and small, "; ".join(msgs)
 
 
-def minimize_sparse(stats, layout: Layout, reml: bool, theta0=None, maxiter: int = 100,
-                    extra_start=None) -> OptimizeResult:
+def minimize_sparse(stats, layout: Layout, reml: bool, theta0=None, maxiter: int = 100) -> OptimizeResult:
     """:func:`newton_minimize` on the sparse path's criterion and
     :func:`~lmmjax.likelihood.sparse_value_grad_hess` (exact gradient and Hessian), from
-    ``theta0`` or the best of its start grid and ``extra_start``."""
+    ``theta0`` or the best of its start grid and the moment estimate
+    (:func:`lmmjax.start.moment_theta`)."""
     dtype = stats["XX"].dtype
+    extra_start = moment_theta(stats, layout) if theta0 is None else None
 
     # through the exported programs (:mod:`lmmjax._export`): a fresh process skips their
     # tracing and lowering (InstEval's first fit: ~0.9 s of ~3 s)
@@ -380,14 +382,13 @@ def minimize_sparse(stats, layout: Layout, reml: bool, theta0=None, maxiter: int
 
 
 def minimize_theta(stats, layout: Layout, reml: bool, theta0=None, maxiter: int = 1000,
-                   gtol: float = 1e-6, extra_start=None) -> OptimizeResult:
-    """Minimize the profiled REML/ML criterion; see the module docstring.  ``extra_start``
-    (a moment estimate, :mod:`lmmjax.start`) joins the sparse Newton's start grid."""
+                   gtol: float = 1e-6) -> OptimizeResult:
+    """Minimize the profiled REML/ML criterion; see the module docstring."""
     theta = layout.init_theta() if theta0 is None else np.asarray(theta0, float)
     if theta.shape != (layout.n_theta,):
         raise ValueError(f"start must have {layout.n_theta} entries (lme4's θ order), got shape {theta.shape}")
     if "tr_j" in stats and layout.q_rest:
-        return minimize_sparse(stats, layout, reml, theta0, maxiter=min(maxiter, 100), extra_start=extra_start)
+        return minimize_sparse(stats, layout, reml, theta0, maxiter=min(maxiter, 100))
     bidx = layout.boundary()
     nprobe = len(PROBE_STEPS) + 1
     iters = evals = 0

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 import lmmjax
-from lmmjax import bucketed, engine, model, start
+from lmmjax import bucketed, model, optimize, start
 
 
 def _prepared(formula, df):
@@ -60,7 +60,7 @@ def test_the_start_changes_no_optimum(monkeypatch):
         model._PREPARED.clear()
         bucketed._PADDED.clear()
         monkeypatch.setattr(bucketed, "moment_theta", lambda *a: None)
-        monkeypatch.setattr(engine, "moment_theta", lambda *a: None)
+        monkeypatch.setattr(optimize, "moment_theta", lambda *a: None)
         without = lmmjax.lmer(formula, df)
         monkeypatch.undo()
         model._PREPARED.clear()
